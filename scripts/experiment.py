@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Divergence x IR x seed grid through the real recipe; mean ± standard error and paired Δ vs a CE-only baseline.
+
+Examples:
+    # the README's CPU grid on the tiny stand-ins (a pre-trained tiny teacher), ~20 min on 2 cores
+    python scripts/experiment.py --tiny --divergences forward_kl,reverse_kl,jsd,tvd --ir off --seeds 0,1,2 \
+        --steps 40 --out outputs/experiment_tiny
+    # the real 3B -> 1B grid on a GPU: same script, the real config
+    python scripts/experiment.py --config configs/distillation.yaml --heldout my_heldout.txt --steps 500 \
+        --divergences forward_kl,reverse_kl,symmetric_kl,jsd,tvd,skew_kl --ir off,cosine --seeds 0,1,2
+
+Finished cells (``<out>/cells/<cell>/result.json``) are skipped: rerun the same command to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+import kd_experiment
+import kd_heldout
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "tiny_cpu.yaml")
+    parser.add_argument("--tiny", action="store_true", help="build the tiny stand-ins (pre-trained tiny teacher) and use them")
+    parser.add_argument("--assets", type=Path, default=REPO / "cache" / "tiny_experiment", help="stand-ins folder for --tiny")
+    parser.add_argument("--teacher-pretrain-steps", type=int, default=300)
+    parser.add_argument("--divergences", default="forward_kl,reverse_kl,jsd,tvd")
+    parser.add_argument("--ir", default="off", help="comma list of off,cosine")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, default=40, help="optimiser steps per run (max_steps_per_epoch)")
+    parser.add_argument("--mapping", default="auto", help="layer mapping when IR is on")
+    parser.add_argument("--scales", default="0.5,0.3,0.2", help="ce,kd,ir weights of the KD runs")
+    parser.add_argument("--heldout", type=Path, default=None, help="held-out text (default: the stand-ins' heldout.txt)")
+    parser.add_argument("--eval-seq-len", type=int, default=128)
+    parser.add_argument("--eval-windows", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "experiment")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    env = {}
+    heldout = args.heldout
+    if args.tiny:
+        import kd_standins
+
+        print(f"[experiment] building tiny stand-ins in {args.assets} (teacher pre-trained {args.teacher_pretrain_steps} steps)")
+        manifest = kd_standins.build_standins(args.assets, teacher_pretrain_steps=args.teacher_pretrain_steps)
+        env["KD_ASSETS"] = manifest["root"]
+        os.environ["KD_ASSETS"] = manifest["root"]
+        heldout = heldout or Path(manifest["data"]["heldout_text"])
+    if heldout is None:
+        sys.exit("--heldout is required without --tiny")
+
+    base = OmegaConf.load(args.config)
+    base = OmegaConf.merge(base, OmegaConf.from_dotlist([o for o in args.overrides if not o.startswith("~")]))
+    teacher_dir = Path(str(base.teacher_checkpointer.checkpoint_dir))
+    chunked = str(base.kd_loss._component_).endswith("WithChunkedOutputLoss")
+    base_kd_keys = [k for k in base.kd_loss.keys() if k != "_component_"]
+    ce, kd, ir = (float(x) for x in args.scales.split(","))
+
+    cells = kd_experiment.grid(
+        [d for d in args.divergences.split(",") if d], [i for i in args.ir.split(",") if i], [int(s) for s in args.seeds.split(",")]
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "command.txt").write_text(" ".join(sys.argv) + "\n")
+    rows = []
+    for index, cell in enumerate(cells, 1):
+        cell_dir = args.out / "cells" / cell.name
+        result = kd_experiment.load_result(cell_dir)
+        if result is not None:
+            print(f"[experiment] {index}/{len(cells)} {cell.name}: done before, skipped")
+            rows.append(result)
+            continue
+        overrides = kd_experiment.cell_overrides(
+            cell, chunked=chunked, mapping=args.mapping, scales={"ce": ce, "kd": kd, "ir": ir}, base_kd_keys=base_kd_keys
+        )
+        overrides += [f"max_steps_per_epoch={args.steps}", "epochs=1", f"metric_logger.log_dir={cell_dir / 'run' / 'logs'}"]
+        overrides += list(args.overrides)
+        started = time.time()
+        print(f"[experiment] {index}/{len(cells)} {cell.name}: training {args.steps} steps ...", flush=True)
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        export = kd_experiment.run_cell(
+            cell, config=args.config, out_dir=cell_dir / "run", overrides=overrides, env=env, log_file=cell_dir / "train.log"
+        )
+        metrics = kd_heldout.evaluate_heldout(
+            {"student": export, "teacher": teacher_dir}, heldout, teacher="teacher",
+            seq_len=args.eval_seq_len, max_windows=args.eval_windows,
+        )["student"]
+        result = {"cell": cell.name, "setting": cell.setting, "divergence": cell.divergence, "ir": cell.ir,
+                  "seed": cell.seed, "heldout_ppl": metrics["perplexity"], "heldout_nll": metrics["nll"],
+                  "top1_agreement": metrics["top1_agreement"], "seconds": round(time.time() - started, 1)}
+        (cell_dir / "result.json").write_text(json.dumps(result, indent=2))
+        rows.append(result)
+        print(f"[experiment]   ppl {result['heldout_ppl']:.3f}  agreement {result['top1_agreement']:.4f}  ({result['seconds']} s)")
+        # The run's training state (optimiser, weights) is not needed once evaluated.
+        state = cell_dir / "run" / "training_state"
+        if state.exists():
+            import shutil
+
+            shutil.rmtree(state)
+
+    kd_experiment.write_rows(args.out / "results.csv", rows)
+    metrics = ["heldout_ppl", "top1_agreement"]
+    summary = kd_experiment.summarise(rows, metrics)
+    table = kd_experiment.markdown_table(summary, metrics)
+    (args.out / "summary.md").write_text(table)
+    kd_experiment.write_rows(args.out / "summary.csv", summary)
+    print("\n" + table)
+    print("n = seeds; ± = standard error; Δ is paired by seed against ce_only; * marks |Δ| > 2 standard errors.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Session set-up: an offline environment and the deterministic local stand-in assets.
+
+Environment (set at import, before any test module imports transformers, datasets or wandb):
+``HF_HUB_OFFLINE=1``, ``HF_DATASETS_OFFLINE=1``, ``TRANSFORMERS_OFFLINE=1``, ``WANDB_MODE=offline``. The thread
+count is deliberately left alone.
+
+Fixtures (session scope, built once per test run):
+    tiny_assets (dict): the manifest returned by ``kd_tiny_assets.build_all`` for a fresh
+        ``tmp_path_factory.mktemp("tiny_assets")`` folder, teacher not pre-trained. All paths in it are absolute
+        **``str``** (wrap in ``pathlib.Path`` as needed). Stable keys:
+
+        - ``root``, ``tokenizer_dir``, ``teacher_dir``, ``student_dir``: folders. ``tokenizer_dir`` holds
+          ``tokenizer.model`` / ``tokenizer.json`` / ``tokenizer_config.json``; the model folders are Hugging Face
+          Llama folders (``model.safetensors``, ``config.json``, ``generation_config.json``, tokenizer files).
+        - ``data``: ``{"train", "eval", "heldout_text"}`` -> alpaca JSON lists (256 / 64 records) and a plain-text
+          file of 64 held-out paragraphs.
+        - ``vocab_size`` (1280), ``bpe_vocab_size`` (1024), ``num_special_tokens`` (256), ``bos_id``, ``eos_id``,
+          ``pad_id``.
+        - ``teacher_kwargs``, ``student_kwargs``: kwargs for ``torchtune.models.llama3.llama3`` (teacher 4 layers x
+          128, student 2 layers x 64).
+        - ``weights_sha256``: ``{"teacher", "student"}``; ``seeds``; ``num_train``, ``num_eval``, ``num_heldout``;
+          ``teacher_pretrain_steps`` (0), ``teacher_pretrain_final_loss`` (None); ``params``; ``format_version``.
+    assets_root (Path): ``Path(tiny_assets["root"])`` (``configs/tiny_cpu.yaml`` reads it via ``KD_ASSETS``).
+
+Treat the assets as read-only: every test in the session shares them.
+"""
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Never reach the hub or W&B's servers from tests.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+
+# tests/ holds shared helpers (recipe_utils) imported by test modules.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The stand-in assets' manifest (see the module docstring for its keys); built once per session."""
+    import kd_tiny_assets
+
+    return kd_tiny_assets.build_all(tmp_path_factory.mktemp("tiny_assets"))
+
+
+@pytest.fixture(scope="session")
+def assets_root(tiny_assets: dict[str, Any]) -> Path:
+    """The folder holding the stand-in assets (what ``KD_ASSETS`` points ``configs/tiny_cpu.yaml`` at)."""
+    return Path(tiny_assets["root"])
