@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "tiny_cpu.yaml")
     parser.add_argument("--tiny", action="store_true", help="build the tiny stand-ins (pre-trained tiny teacher) and use them")
     parser.add_argument("--assets", type=Path, default=REPO / "cache" / "tiny_experiment", help="stand-ins folder for --tiny")
-    parser.add_argument("--teacher-pretrain-steps", type=int, default=300)
+    parser.add_argument("--teacher-pretrain-steps", type=int, default=150)
     parser.add_argument("--divergences", default="forward_kl,reverse_kl,jsd,tvd")
     parser.add_argument("--ir", default="off", help="comma list of off,cosine")
     parser.add_argument("--seeds", default="0,1,2")
@@ -54,10 +54,10 @@ def main() -> None:
     env = {}
     heldout = args.heldout
     if args.tiny:
-        import kd_standins
+        import kd_tiny_assets
 
         print(f"[experiment] building tiny stand-ins in {args.assets} (teacher pre-trained {args.teacher_pretrain_steps} steps)")
-        manifest = kd_standins.build_standins(args.assets, teacher_pretrain_steps=args.teacher_pretrain_steps)
+        manifest = kd_tiny_assets.build_all(args.assets, teacher_pretrain_steps=args.teacher_pretrain_steps)
         env["KD_ASSETS"] = manifest["root"]
         os.environ["KD_ASSETS"] = manifest["root"]
         heldout = heldout or Path(manifest["data"]["heldout_text"])

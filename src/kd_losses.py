@@ -1,0 +1,441 @@
+"""Exact, numerically stable distillation losses that torchtune YAML can name: ``_component_: kd_losses.<Name>``.
+
+Divergences between the teacher's next-token distribution ``p_t`` and the student's ``p_s`` (both from logits):
+
+=========================  ====================================================================================
+``ForwardKLLoss``          KL(p_t ‖ p_s) — mean-seeking; the classic (Hinton) KD objective
+``ReverseKLLoss``          KL(p_s ‖ p_t) — mode-seeking (MiniLLM)
+``SymmetricKLLoss``        (1−λ)·KL(p_t‖p_s) + λ·KL(p_s‖p_t)
+``JSDistanceLoss``         λ·KL(p_s‖m) + (1−λ)·KL(p_t‖m), m = (1−λ)·p_t + λ·p_s (generalised JSD, ≤ H(λ) ≤ ln 2)
+``TVDistanceLoss``         ½·Σ|p_t − p_s| (≤ 1)
+``SkewForwardKLLoss``      KL(p_t ‖ α·p_t + (1−α)·p_s) (DistiLLM's skew KL)
+``SkewReverseKLLoss``      KL(p_s ‖ α·p_s + (1−α)·p_t) (DistiLLM's skew reverse KL)
+=========================  ====================================================================================
+
+Every divergence takes ``temperature`` (both logits divided by T, the loss multiplied by T², Hinton et al. 2015)
+and ``ignore_index``. Each has a chunked twin ``<Name>WithChunkedOutputLoss(num_output_chunks=8, ...)`` that takes
+the lists of logit chunks torchtune's ``model.set_num_output_chunks(n)`` produces; all of them share one chunking
+mechanism (:class:`_ChunkedOutputMixin`).
+
+Shape of the computation (Liger-Kernel style): a pure function gives a per-token value from fp32 log-probabilities;
+``token_sum`` adds it over counted tokens; the mean (``forward``) divides once by the count, so a batch with no
+counted token gives exactly 0 with zero gradients, and chunked equals unchunked. Recipes sum ``token_sum`` over
+micro-batches and divide by the step's token count so that every token weighs the same.
+
+Numerics: everything happens in log space on fp32 upcasts (one chunk at a time); the JSD mixture is a
+``logsumexp``; the ``0·log 0 = 0`` convention is applied with masks that keep gradients finite, so ``-inf`` logits
+(masked vocabulary), logit gaps of 1e4 and bf16 inputs give finite values and gradients wherever the divergence
+itself is finite. (KL(p‖q) is +inf when q is 0 where p is not — e.g. forward KL with a student that masks a token
+the teacher allows; JSD and TVD are always finite.)
+
+Hidden-state (intermediate representation) losses :class:`CosineIRLoss` and :class:`MSEIRLoss` compare aligned
+layer outputs over real tokens; :func:`make_projection` builds the learned student-dim → teacher-dim map.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+__all__ = [
+    "ForwardKLLoss", "ReverseKLLoss", "SymmetricKLLoss", "JSDistanceLoss", "TVDistanceLoss", "SkewForwardKLLoss",
+    "SkewReverseKLLoss", "ForwardKLWithChunkedOutputLoss", "ReverseKLWithChunkedOutputLoss",
+    "SymmetricKLWithChunkedOutputLoss", "JSDistanceWithChunkedOutputLoss", "TVDistanceWithChunkedOutputLoss",
+    "SkewForwardKLWithChunkedOutputLoss", "SkewReverseKLWithChunkedOutputLoss", "CosineIRLoss", "MSEIRLoss",
+    "make_projection", "DIVERGENCES", "kl_per_token", "jsd_per_token", "tvd_per_token",
+]
+
+
+# ----------------------------------------------------------------------------------------------- pure functions
+
+
+def kl_per_token(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row from log-probabilities ``(num_tokens, vocab)``; ``0·log(0/q) = 0``.
+
+    Where p > 0 and q = 0 the result is +inf, as the definition says.
+    """
+    p = logp.exp()
+    support = p > 0
+    # Outside p's support the term is 0; masking *before* the subtraction keeps inf - inf (-> nan) out of both the
+    # value and the gradient.
+    diff = torch.where(support, logp - logq, torch.zeros_like(logp))
+    return (p * diff).sum(-1)
+
+
+def _log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w·a + (1−w)·b) from log a and log b, stably (no underflow of the mixture to log 0).
+
+    Where both are -inf (a vocabulary entry masked in both models) the mixture is -inf too; logaddexp's gradient
+    there is nan (exp(-inf - -inf)), so those entries go through a finite stand-in and are put back afterwards.
+    """
+    if weight_a >= 1.0:
+        return log_a
+    if weight_a <= 0.0:
+        return log_b
+    both_masked = torch.isneginf(log_a) & torch.isneginf(log_b)
+    safe_a = torch.where(both_masked, torch.zeros_like(log_a), log_a)
+    safe_b = torch.where(both_masked, torch.zeros_like(log_b), log_b)
+    mixed = torch.logaddexp(safe_a + math.log(weight_a), safe_b + math.log1p(-weight_a))
+    return torch.where(both_masked, torch.full_like(mixed, float("-inf")), mixed)
+
+
+def jsd_per_token(s_logp: torch.Tensor, t_logp: torch.Tensor, lambda_weight: float) -> torch.Tensor:
+    """Generalised JSD: λ·KL(p_s‖m) + (1−λ)·KL(p_t‖m), m = (1−λ)·p_t + λ·p_s."""
+    log_m = _log_mixture(t_logp, s_logp, 1.0 - lambda_weight)
+    value = torch.zeros(s_logp.shape[:-1], dtype=s_logp.dtype, device=s_logp.device)
+    if lambda_weight > 0:
+        value = value + lambda_weight * kl_per_token(s_logp, log_m)
+    if lambda_weight < 1:
+        value = value + (1.0 - lambda_weight) * kl_per_token(t_logp, log_m)
+    return value
+
+
+def tvd_per_token(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    """½·Σ|p_t − p_s| per row."""
+    return 0.5 * (t_logp.exp() - s_logp.exp()).abs().sum(-1)
+
+
+def _check_fraction(name: str, value: float) -> float:
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value} must be in [0, 1]")
+    return value
+
+
+# -------------------------------------------------------------------------------------------------- divergences
+
+
+class _Divergence(nn.Module):
+    """Base of every divergence: validation, temperature, fp32 upcast, masking and reduction in one place.
+
+    Args:
+        temperature (float): both logits are divided by it and the loss is multiplied by its square. Default 1.0.
+        ignore_index (int): label value of tokens that do not count. Default -100.
+    """
+
+    def __init__(self, temperature: float = 1.0, ignore_index: int = -100) -> None:
+        super().__init__()
+        temperature = float(temperature)
+        if not temperature > 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature={temperature} must be a finite number > 0")
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+
+    def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        """The divergence per row of fp32 log-probabilities ``(num_tokens, vocab)`` -> ``(num_tokens,)``."""
+        raise NotImplementedError
+
+    def _check(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> None:
+        if student.shape != teacher.shape:
+            if student.shape[-1] != teacher.shape[-1]:
+                raise ValueError(
+                    f"student vocab size {student.shape[-1]} != teacher vocab size {teacher.shape[-1]}: logit "
+                    "distillation needs a shared vocabulary (the same tokenizer for both models)"
+                )
+            raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ in shape")
+        if tuple(labels.shape) != tuple(student.shape[:-1]):
+            raise ValueError(
+                f"labels have shape {tuple(labels.shape)} but the logits {tuple(student.shape)} need "
+                f"{tuple(student.shape[:-1])}"
+            )
+
+    def _block_sum(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of the per-token divergence over counted tokens of one block (fp32 scalar, already × T²)."""
+        self._check(student, teacher, labels)
+        vocab = student.shape[-1]
+        keep = labels.reshape(-1) != self.ignore_index
+        s = student.reshape(-1, vocab).float()
+        t = teacher.reshape(-1, vocab).float()
+        if self.temperature != 1.0:
+            s, t = s / self.temperature, t / self.temperature
+        values = self.per_token(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1))
+        # where(), not multiplication: an ignored row's value may be inf/nan (e.g. all -inf padding logits).
+        values = torch.where(keep, values, torch.zeros_like(values))
+        return values.sum() * (self.temperature**2)
+
+    def token_sum(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of the per-token loss over counted tokens, and the number of counted tokens.
+
+        Args:
+            student_logits (torch.Tensor): ``(num_tokens, vocab)`` or ``(bsz, seq_len, vocab)``.
+            teacher_logits (torch.Tensor): same shape as ``student_logits``.
+            labels (torch.Tensor): ``(num_tokens,)`` or ``(bsz, seq_len)``, already aligned with the logits.
+
+        Returns:
+            tuple[torch.Tensor, torch.Tensor]: fp32 scalar sum (× T²) and the integer count.
+        """
+        return self._block_sum(student_logits, teacher_logits, labels), (labels != self.ignore_index).sum()
+
+    def forward(self, student_logits: Logits, teacher_logits: Logits, labels: torch.Tensor) -> torch.Tensor:
+        """Mean of the per-token loss over counted tokens (0 when none counts)."""
+        total, count = self.token_sum(student_logits, teacher_logits, labels)
+        return total / count.clamp(min=1)
+
+
+class ForwardKLLoss(_Divergence):
+    """KL(p_t ‖ p_s): the teacher's distribution is the target (mean-seeking)."""
+
+    def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        return kl_per_token(t_logp, s_logp)
+
+
+class ReverseKLLoss(_Divergence):
+    """KL(p_s ‖ p_t): the student's own distribution weighs the errors (mode-seeking)."""
+
+    def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        return kl_per_token(s_logp, t_logp)
+
+
+class SymmetricKLLoss(_Divergence):
+    """(1−λ)·KL(p_t‖p_s) + λ·KL(p_s‖p_t).
+
+    Args:
+        lambda_weight (float): weight λ ∈ [0, 1] of the reverse KL. Default 0.5.
+    """
+
+    def __init__(self, lambda_weight: float = 0.5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.lambda_weight = _check_fraction("lambda_weight", lambda_weight)
+
+    def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        lam = self.lambda_weight
+        value = torch.zeros(s_logp.shape[:-1], dtype=s_logp.dtype, device=s_logp.device)
+        if lam < 1:
+            value = value + (1 - lam) * kl_per_token(t_logp, s_logp)
+        if lam > 0:
+            value = value + lam * kl_per_token(s_logp, t_logp)
+        return value
+
+
+class JSDistanceLoss(_Divergence):
+    """Generalised Jensen-Shannon divergence λ·KL(p_s‖m) + (1−λ)·KL(p_t‖m), m = (1−λ)·p_t + λ·p_s.
+
+    The name is kept for compatibility with existing configs: the value is the divergence itself, not its square
+    root (the Jensen-Shannon *distance*). At λ = 0.5 it is the symmetric JSD, bounded by ln 2; in general it is
+    bounded by the binary entropy H(λ). λ = 0 or 1 gives 0 (the mixture equals the distribution being compared).
+
+    Args:
+        lambda_weight (float): λ ∈ [0, 1]. Default 0.5.
+    """
+
+    def __init__(self, lambda_weight: float = 0.5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.lambda_weight = _check_fraction("lambda_weight", lambda_weight)
+
+    def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        return jsd_per_token(s_logp, t_logp, self.lambda_weight)
+
+
+class TVDistanceLoss(_Divergence):
+    """Total variation distance ½·Σ|p_t − p_s| ∈ [0, 1]."""
+
+    def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        return tvd_per_token(s_logp, t_logp)
+
+
+class SkewForwardKLLoss(_Divergence):
+    """DistiLLM's skew KL (Ko et al., 2024): KL(p_t ‖ α·p_t + (1−α)·p_s).
+
+    Mixing a share α of the teacher into the student keeps the divergence finite where the student gives a token
+    probability 0 and smooths its gradient. α = 0 is the forward KL; α = 1 gives 0.
+
+    Args:
+        alpha (float): α ∈ [0, 1]. Default 0.1 (the paper's choice).
+    """
+
+    def __init__(self, alpha: float = 0.1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.alpha = _check_fraction("alpha", alpha)
+
+    def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        return kl_per_token(t_logp, _log_mixture(t_logp, s_logp, self.alpha))
+
+
+class SkewReverseKLLoss(_Divergence):
+    """DistiLLM's skew reverse KL: KL(p_s ‖ α·p_s + (1−α)·p_t). α = 0 is the reverse KL; α = 1 gives 0.
+
+    Args:
+        alpha (float): α ∈ [0, 1]. Default 0.1.
+    """
+
+    def __init__(self, alpha: float = 0.1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.alpha = _check_fraction("alpha", alpha)
+
+    def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        return kl_per_token(s_logp, _log_mixture(s_logp, t_logp, self.alpha))
+
+
+# ---------------------------------------------------------------------------------------------------- chunking
+
+
+class _ChunkedOutputMixin:
+    """Turns any divergence into its chunked-output twin: one mechanism for all of them.
+
+    ``token_sum`` walks the chunks (each upcast to fp32 on its own, so only one chunk's fp32 copy exists at a time),
+    adds their sums and counts, and ``forward`` divides once: the value is the token mean over the whole batch,
+    never a mean of chunk means, and equals the unchunked loss.
+
+    Args:
+        num_output_chunks (int): number of chunks the model splits its output into. Default 8.
+    """
+
+    def __init__(self, num_output_chunks: int = 8, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if isinstance(num_output_chunks, bool) or not isinstance(num_output_chunks, int) or num_output_chunks < 1:
+            raise ValueError(f"num_output_chunks={num_output_chunks!r} must be an integer >= 1")
+        self.num_output_chunks = num_output_chunks
+
+    def token_sum(
+        self, student_logits: Logits, teacher_logits: Logits, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum over counted tokens of all chunks, and the count.
+
+        Args:
+            student_logits (Logits): list of ``(bsz, seq_len / n, vocab)`` chunks (a single tensor also works).
+            teacher_logits (Logits): the teacher's chunks, same shapes.
+            labels (torch.Tensor): ``(bsz, seq_len)``.
+        """
+        if isinstance(student_logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor):
+            return super().token_sum(student_logits, teacher_logits, labels)
+        student_logits, teacher_logits = list(student_logits), list(teacher_logits)
+        if len(student_logits) != len(teacher_logits):
+            raise ValueError(
+                f"got {len(student_logits)} student chunks and {len(teacher_logits)} teacher chunks: both models "
+                "need the same num_output_chunks"
+            )
+        if labels.dim() != 2:
+            raise ValueError(f"chunked losses take labels of shape (bsz, seq_len), got {tuple(labels.shape)}")
+        label_chunks = labels.chunk(len(student_logits), dim=1)
+        if len(label_chunks) != len(student_logits):
+            raise ValueError(
+                f"labels of length {labels.shape[1]} split into {len(label_chunks)} chunks, not {len(student_logits)}"
+            )
+        total = torch.zeros((), dtype=torch.float32, device=labels.device)
+        for student, teacher, chunk_labels in zip(student_logits, teacher_logits, label_chunks):
+            total = total + self._block_sum(student, teacher, chunk_labels)
+        return total, (labels != self.ignore_index).sum()
+
+
+def _chunked(base: type, doc_name: str) -> type:
+    name = f"{doc_name}WithChunkedOutputLoss"
+    cls = type(name, (_ChunkedOutputMixin, base), {"__module__": __name__})
+    cls.__doc__ = f"{base.__name__} over chunked logits (see :class:`_ChunkedOutputMixin`).\n\n{base.__doc__ or ''}"
+    return cls
+
+
+ForwardKLWithChunkedOutputLoss = _chunked(ForwardKLLoss, "ForwardKL")
+ReverseKLWithChunkedOutputLoss = _chunked(ReverseKLLoss, "ReverseKL")
+SymmetricKLWithChunkedOutputLoss = _chunked(SymmetricKLLoss, "SymmetricKL")
+JSDistanceWithChunkedOutputLoss = _chunked(JSDistanceLoss, "JSDistance")
+TVDistanceWithChunkedOutputLoss = _chunked(TVDistanceLoss, "TVDistance")
+SkewForwardKLWithChunkedOutputLoss = _chunked(SkewForwardKLLoss, "SkewForwardKL")
+SkewReverseKLWithChunkedOutputLoss = _chunked(SkewReverseKLLoss, "SkewReverseKL")
+
+#: name -> (unchunked class, chunked class), for grids and CLIs.
+DIVERGENCES: dict[str, tuple[type, type]] = {
+    "forward_kl": (ForwardKLLoss, ForwardKLWithChunkedOutputLoss),
+    "reverse_kl": (ReverseKLLoss, ReverseKLWithChunkedOutputLoss),
+    "symmetric_kl": (SymmetricKLLoss, SymmetricKLWithChunkedOutputLoss),
+    "jsd": (JSDistanceLoss, JSDistanceWithChunkedOutputLoss),
+    "tvd": (TVDistanceLoss, TVDistanceWithChunkedOutputLoss),
+    "skew_kl": (SkewForwardKLLoss, SkewForwardKLWithChunkedOutputLoss),
+    "skew_reverse_kl": (SkewReverseKLLoss, SkewReverseKLWithChunkedOutputLoss),
+}
+
+
+# ------------------------------------------------------------------------------------ hidden-state (IR) losses
+
+
+class _HiddenStateLoss(nn.Module):
+    """Base of the IR losses: fp32, optional parameter-free layer norm, masking to real tokens, token sums.
+
+    The mask argument is either a bool tensor ``(bsz, seq_len)``, True at real (non-padding) tokens, or labels
+    ``(bsz, seq_len)`` whose ``ignore_index`` entries are excluded. Prefer the bool mask: with labels, prompt
+    tokens masked from the CE loss would be excluded too although they are real tokens.
+
+    Args:
+        layer_norm (bool): normalise both states over the hidden dimension (no learned scale) first. Default True.
+        ignore_index (int): label value excluded when labels are passed. Default -100.
+    """
+
+    def __init__(self, layer_norm: bool = True, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.layer_norm = bool(layer_norm)
+        self.ignore_index = ignore_index
+
+    def per_token(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def token_sum(
+        self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum over real tokens and their count.
+
+        Args:
+            student_hidden (torch.Tensor): ``(bsz, seq_len, dim)``, already projected to the teacher's dim.
+            teacher_hidden (torch.Tensor): ``(bsz, seq_len, dim)``.
+            mask (torch.Tensor): bool ``(bsz, seq_len)`` (True = real token) or labels.
+        """
+        if student_hidden.shape != teacher_hidden.shape:
+            raise ValueError(
+                f"student hidden {tuple(student_hidden.shape)} and teacher hidden {tuple(teacher_hidden.shape)} "
+                "differ: project the student to the teacher's size first (make_projection)"
+            )
+        if tuple(mask.shape) != tuple(student_hidden.shape[:-1]):
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(student_hidden.shape[:-1])}")
+        keep = mask if mask.dtype == torch.bool else mask != self.ignore_index
+        student, teacher = student_hidden.float(), teacher_hidden.float()
+        if self.layer_norm:
+            student = F.layer_norm(student, student.shape[-1:])
+            teacher = F.layer_norm(teacher, teacher.shape[-1:])
+        values = self.per_token(student, teacher)
+        return torch.where(keep, values, torch.zeros_like(values)).sum(), keep.sum()
+
+    def forward(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over real tokens (0 when there is none)."""
+        total, count = self.token_sum(student_hidden, teacher_hidden, mask)
+        return total / count.clamp(min=1)
+
+
+class CosineIRLoss(_HiddenStateLoss):
+    """1 − cos(LN(h_s), LN(h_t)) per token, averaged over real tokens (∈ [0, 2])."""
+
+    def per_token(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return 1.0 - F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)
+
+
+class MSEIRLoss(_HiddenStateLoss):
+    """Mean squared error over the hidden dimension per token, averaged over real tokens."""
+
+    def per_token(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return (student - teacher).square().mean(-1)
+
+
+def make_projection(
+    student_dim: int, teacher_dim: int, *, identity_when_equal: bool = True, bias: bool = False
+) -> nn.Module:
+    """The learned map from the student's hidden size to the teacher's.
+
+    A bias-free ``nn.Linear(student_dim, teacher_dim)`` with PyTorch's default (Kaiming-uniform) init: the IR loss
+    layer-normalises its output, so the projection's scale does not matter and a standard init trains fine. With
+    equal sizes and ``identity_when_equal``, ``nn.Identity()`` (nothing to learn, so aligned layers must agree
+    directly).
+
+    Raises:
+        ValueError: for non-positive sizes.
+    """
+    for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if student_dim == teacher_dim and identity_when_equal:
+        return nn.Identity()
+    return nn.Linear(student_dim, teacher_dim, bias=bias)
