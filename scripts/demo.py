@@ -44,11 +44,16 @@ def tune_run(config: Path, output_dir: Path, overrides: list[str], env: dict[str
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+        shown: set[str] = set()
         for line in process.stdout:
             log.write(line)
-            # Show the recipe's progress bar and its own notices; the full log is in the file.
+            # Show the recipe's notices and one progress line per optimiser step; the full log is in the file.
             for part in line.replace("\r", "\n").split("\n"):
-                if part.startswith(("1|", "Notice", "Layer mapping", "Student (", "Saved epoch")):
+                step = part.split(":")[0] if part.startswith("1|") else None
+                if step is not None and step not in shown:
+                    shown.add(step)
+                    print(f"  {label}: {part.strip()[:150]}", flush=True)
+                elif part.startswith(("Notice", "Layer mapping", "Student (", "Saved epoch")):
                     print(f"  {label}: {part.strip()[:150]}", flush=True)
         code = process.wait()
     if code != 0:

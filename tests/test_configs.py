@@ -124,3 +124,17 @@ def test_blend_with_mapping_gives_a_notice_not_silence():
         load("distillation.yaml", "model.output_hidden_states=false"), check_files=False, check_device=False
     )
     assert any("hidden states are captured although model.output_hidden_states" in n for n in facts.notices)
+
+
+@pytest.mark.parametrize("path", sorted((CONFIG_DIR / "teacher").glob("*.yaml")), ids=lambda p: p.name)
+def test_teacher_lora_configs_build_for_torchtunes_recipe(path):
+    """Configs for torchtune's own lora_finetune_single_device: the model builds (meta) and has LoRA adapters."""
+    from torchtune.modules.peft import get_adapter_params
+
+    cfg = OmegaConf.load(path)
+    with torch.device("meta"):
+        model = tt_config.instantiate(cfg.model)
+    assert get_adapter_params(model)
+    tt_config.instantiate(cfg.loss)
+    for key in ("checkpointer", "tokenizer", "dataset", "optimizer", "lr_scheduler", "metric_logger"):
+        assert key in cfg

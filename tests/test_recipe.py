@@ -121,7 +121,8 @@ def test_unchanged_student_has_untrained_projection_in_state(main_run):
         ("lora_dynamic_unchunked", [*LORA_OVERRIDES, "loss_scaling.method=dynamic",
                                     "~loss", "~kd_loss", "loss={_component_: torch.nn.CrossEntropyLoss}",
                                     "kd_loss={_component_: kd_losses.ForwardKLLoss}"], None),
-        ("full_blend_chunked", ["loss_scaling.enabled=false", "kd_ratio=0.25"], {"ce": 0.75, "kd": 0.25, "ir": 0.0}),
+        ("full_blend_chunked_checkpointing", ["loss_scaling.enabled=false", "kd_ratio=0.25",
+                                              "enable_activation_checkpointing=true"], {"ce": 0.75, "kd": 0.25, "ir": 0.0}),
         ("lora_manual_chunked_no_ir", [*LORA_OVERRIDES, "layer_mapping=null", "model.output_hidden_states=false",
                                        "teacher_model.output_hidden_states=false", "loss_scaling.manual_scales.ir=0"],
          {"ce": 0.5, "kd": 0.3}),
@@ -201,6 +202,25 @@ def test_resume_continues_the_same_run(tiny_assets, assets_root, tmp_path):
     ):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
     assert resumed._weighting.running == pytest.approx(straight._weighting.running, rel=1e-6)
+
+
+def test_resume_restores_projections_and_optimizer_bit_exactly(tiny_assets, assets_root, tmp_path):
+    common = ["max_steps_per_epoch=2", "lr_scheduler=null"]
+    first = run_recipe(tiny_config(assets_root, tmp_path, [*common, "epochs=1"]), RECIPE)
+    cfg = tiny_config(assets_root, tmp_path, [*common, "epochs=2", "resume_from_checkpoint=true"])
+    resumed = RECIPE.KDRecipeSingleDevice(cfg=cfg)
+    resumed.setup(cfg=cfg)
+    for name, value in first._aligner.projections.state_dict().items():
+        assert torch.equal(resumed._aligner.projections.state_dict()[name], value), name
+    for name, value in first._model.state_dict().items():
+        assert torch.equal(resumed._model.state_dict()[name], value), name
+    saved, restored = first._optimizer.state_dict()["state"], resumed._optimizer.state_dict()["state"]
+    assert saved.keys() == restored.keys()
+    for key in saved:
+        for field in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(saved[key][field], restored[key][field])
+    assert resumed.global_step == 2 and resumed.epochs_run == 1
+    resumed.cleanup()
 
 
 def test_resume_without_state_is_a_clear_error(tiny_assets, assets_root, tmp_path):
