@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Benchmark every chunked divergence against torchtune 0.6.1's chunked forward KL and against full logits.
+
+Each measurement runs in a fresh process (so peak memory is that case's alone): the logits come from an output
+projection, ``hidden (tokens, dim) @ weight (vocab, dim)^T``, split into chunks the way torchtune's
+``set_num_output_chunks`` does, and forward + backward go through the projection, as in a recipe. Reported per
+method: median wall time of forward+backward over ``--repeats`` (after one warm-up) and the peak resident memory
+above the process's memory once the inputs exist (``ru_maxrss``), each also as a ratio to torchtune's
+``ForwardKLWithChunkedOutputLoss`` measured in the same run.
+
+    python scripts/bench_losses.py                      # (2048, 32000) and (1024, 128256), fp32, 8 chunks
+    python scripts/bench_losses.py --quick              # a tiny case, for a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+METHODS = ["torchtune_forward_kl_chunked", "full_logits_forward_kl"] + [
+    f"ours_{name}_chunked" for name in ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
+]
+
+
+def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: int, threads: int) -> dict:
+    import resource
+    import statistics
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(tokens, dim, generator=generator) / dim**0.5).requires_grad_(True)
+    student_w = (torch.randn(vocab, dim, generator=generator) * 2).requires_grad_(True)
+    teacher_w = torch.randn(vocab, dim, generator=generator) * 2
+    teacher_hidden = torch.randn(tokens, dim, generator=generator) / dim**0.5
+    labels = torch.randint(0, vocab, (1, tokens), generator=generator)
+    labels[0, ::7] = -100
+
+    if method == "torchtune_forward_kl_chunked":
+        from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
+
+        loss_fn, chunked = ForwardKLWithChunkedOutputLoss(num_output_chunks=chunks), True
+    elif method == "full_logits_forward_kl":
+        import kd_losses
+
+        loss_fn, chunked = kd_losses.ForwardKLLoss(), False
+    else:
+        import kd_losses
+
+        name = method[len("ours_") : -len("_chunked")]
+        loss_fn, chunked = kd_losses.DIVERGENCES[name][1](num_output_chunks=chunks), True
+
+    def step() -> float:
+        hidden.grad = None
+        student_w.grad = None
+        start = time.perf_counter()
+        if chunked:
+            s = [h @ student_w.T for h in hidden[None].chunk(chunks, dim=1)]
+            with torch.no_grad():
+                t = [h @ teacher_w.T for h in teacher_hidden[None].chunk(chunks, dim=1)]
+        else:
+            s = (hidden @ student_w.T)[None]
+            with torch.no_grad():
+                t = (teacher_hidden @ teacher_w.T)[None]
+        loss = loss_fn(s, t, labels)
+        loss.backward()
+        elapsed = time.perf_counter() - start
+        del s, t, loss
+        return elapsed
+
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()  # warm-up
+    times = [step() for _ in range(repeats)]
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"method": method, "seconds": statistics.median(times), "peak_mib": (peak_rss - base_rss) / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="2048x32000,1024x128256", help="comma list of TOKENSxVOCAB")
+    parser.add_argument("--dim", type=int, default=512, help="hidden size of the output projection")
+    parser.add_argument("--chunks", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--quick", action="store_true", help="one tiny case, one repeat")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.cases, args.repeats, args.dim = "256x4000", 1, 64
+
+    if args.child:
+        method, tokens, vocab = args.child.split(":")
+        print(json.dumps(child(method, int(tokens), int(vocab), args.dim, args.chunks, args.repeats, args.threads)))
+        return
+
+    methods = args.methods.split(",")
+    print(f"fp32, CPU, {args.threads} threads, dim {args.dim}, {args.chunks} chunks, median of {args.repeats} "
+          "forward+backward passes (after a warm-up), each method in a fresh process")
+    for case in args.cases.split(","):
+        tokens, vocab = (int(x) for x in case.lower().split("x"))
+        results = {}
+        for method in methods:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", f"{method}:{tokens}:{vocab}", "--dim", str(args.dim),
+                 "--chunks", str(args.chunks), "--repeats", str(args.repeats), "--threads", str(args.threads)],
+                capture_output=True, text=True, check=True,
+            )
+            results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        base = results.get("torchtune_forward_kl_chunked")
+        print(f"\n(tokens, vocab) = ({tokens}, {vocab})")
+        print(f"| method | time (s) | peak memory (MiB) | time / torchtune | memory / torchtune |")
+        print("|---|---|---|---|---|")
+        for method in methods:
+            r = results[method]
+            t_ratio = r["seconds"] / base["seconds"] if base else float("nan")
+            m_ratio = r["peak_mib"] / base["peak_mib"] if base and base["peak_mib"] > 0 else float("nan")
+            print(f"| {method} | {r['seconds']:.3f} | {r['peak_mib']:.0f} | {t_ratio:.2f} | {m_ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
