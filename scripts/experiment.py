@@ -116,10 +116,12 @@ def main() -> None:
     metrics = ["heldout_ppl", "top1_agreement"]
     summary = kd_experiment.summarise(rows, metrics)
     table = kd_experiment.markdown_table(summary, metrics)
-    (args.out / "summary.md").write_text(table)
     kd_experiment.write_rows(args.out / "summary.csv", summary)
     print("\n" + table)
-    print("n = seeds; ± = standard error; Δ is paired by seed against ce_only; * marks |Δ| > 2 standard errors.")
+    note = ("n = seeds; ± = standard error over seeds; Δ is paired by seed (same data order) against ce_only; "
+            "* marks a paired t-test significant at 95% (|Δ| > t(n-1) · se, i.e. 4.3 se for 3 seeds).")
+    (args.out / "summary.md").write_text(table + "\n" + note + "\n")
+    print(note)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Each cell is one ``tune run recipes/knowledge_distillation_single_device.py`` wi
 way (held-out perplexity and top-1 agreement with the teacher, :mod:`kd_heldout`). A CE-only baseline runs for every
 seed with the same steps and data order. The summary reports mean ± standard error over seeds per setting and the
 *paired* difference to the baseline (same seed = same data order), mean ± standard error, marked significant only
-when it exceeds two standard errors. Finished cells are skipped, so an interrupted grid resumes.
+when a paired t-test rejects "no difference" at the 95% level (|Δ| > t(n−1)·se; 4.3 se for 3 seeds). Finished cells are skipped, so an interrupted grid resumes.
 """
 
 from __future__ import annotations
@@ -126,6 +126,20 @@ def run_cell(
     return exports[-1]
 
 
+# Two-sided 95% critical values of Student's t by degrees of freedom (n - 1 paired differences). With 3 seeds a
+# difference must exceed 4.3 standard errors, not 2: few seeds make the standard error itself uncertain.
+T_CRITICAL_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+                 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_critical(df: int) -> float:
+    """95% two-sided critical value for ``df`` degrees of freedom (the nearest tabulated df not above it)."""
+    if df < 1:
+        return math.inf
+    usable = [d for d in T_CRITICAL_95 if d <= df]
+    return T_CRITICAL_95[max(usable)] if df <= 30 else 1.96
+
+
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample standard deviation / sqrt(n)); se is nan for n < 2."""
     n = len(values)
@@ -145,7 +159,7 @@ def summarise(rows: Iterable[Mapping[str, object]], metrics: Sequence[str]) -> l
 
     Returns:
         list of dicts: ``setting``, ``n``, ``<metric>_mean``, ``<metric>_se``, ``<metric>_diff``, ``<metric>_diff_se``,
-        ``<metric>_significant`` (|diff| > 2 se of the paired differences).
+        ``<metric>_significant`` (a paired t-test at 95%: |diff| > t(n−1) · se of the paired differences).
     """
     rows = list(rows)
     by_setting: dict[str, dict[int, Mapping[str, object]]] = {}
@@ -163,7 +177,9 @@ def summarise(rows: Iterable[Mapping[str, object]], metrics: Sequence[str]) -> l
             if setting != BASELINE and paired:
                 diff, diff_se = mean_se(paired)
                 entry[f"{metric}_diff"], entry[f"{metric}_diff_se"] = diff, diff_se
-                entry[f"{metric}_significant"] = bool(not math.isnan(diff_se) and abs(diff) > 2 * diff_se)
+                entry[f"{metric}_significant"] = bool(
+                    not math.isnan(diff_se) and abs(diff) > t_critical(len(paired) - 1) * diff_se
+                )
         summary.append(entry)
     return summary
 
@@ -175,7 +191,7 @@ def _fmt(mean: float, se: float, digits: int = 3) -> str:
 
 
 def markdown_table(summary: Sequence[Mapping[str, object]], metrics: Sequence[str]) -> str:
-    """Mean ± se per setting, and Δ vs CE-only (paired by seed) with a * where |Δ| > 2 se."""
+    """Mean ± se per setting, and Δ vs CE-only (paired by seed) with a * where a paired t-test rejects Δ = 0 at 95%."""
     header = ["setting", "n"] + [m for m in metrics] + [f"Δ {m} vs {BASELINE}" for m in metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for entry in summary:
