@@ -89,11 +89,12 @@ def prepare_real(cache: Path, student_layers: int) -> dict:
     }
 
 
-def prepare_tiny(cache: Path) -> dict:
+def prepare_tiny(cache: Path, teacher_pretrain_steps: int) -> dict:
     import kd_tiny_assets
 
-    print("  building the tiny stand-ins (tokenizer, teacher pre-trained for 150 steps, student, data) ...", flush=True)
-    manifest = kd_tiny_assets.build_all(cache, teacher_pretrain_steps=150)
+    print(f"  building the tiny stand-ins (tokenizer, teacher pre-trained for {teacher_pretrain_steps} steps, student, "
+          "data) ...", flush=True)
+    manifest = kd_tiny_assets.build_all(cache, teacher_pretrain_steps=teacher_pretrain_steps)
     return {
         "config": REPO / "configs" / "tiny_cpu.yaml",
         "env": {"KD_ASSETS": manifest["root"]},
@@ -111,6 +112,7 @@ def main() -> None:
     parser.add_argument("--student-layers", type=int, default=6, help="depth of the student cut from the teacher")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps of each training run")
     parser.add_argument("--lm-eval-limit", type=int, default=None, help="documents per lm-eval task")
+    parser.add_argument("--teacher-pretrain-steps", type=int, default=150, help="--tiny: CE steps for the tiny teacher")
     parser.add_argument("--cache", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -123,7 +125,7 @@ def main() -> None:
     started = time.time()
 
     stage(1, total, "set-up: " + ("tiny stand-ins" if args.tiny else "real teacher SmolLM2-135M-Instruct, student, text"))
-    setup = prepare_tiny(cache) if args.tiny else prepare_real(cache, args.student_layers)
+    setup = prepare_tiny(cache, args.teacher_pretrain_steps) if args.tiny else prepare_real(cache, args.student_layers)
     overrides = list(setup["overrides"])
     if args.steps is not None:
         overrides.append(f"max_steps_per_epoch={args.steps}")
