@@ -146,8 +146,19 @@ class _Divergence(nn.Module):
             )
 
     def _block_sum(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum of the per-token divergence over counted tokens of one block (fp32 scalar, already × T²)."""
+        """Sum of the per-token divergence over counted tokens of one block (fp32 scalar, already × T²).
+
+        When the student's logits need a gradient, the block's gradient is computed right away and the block's
+        autograd graph (fp32 upcasts, softmaxes, mixtures: several vocab-sized tensors) is freed; only the gradient,
+        one tensor the size of the block's logits, waits for the backward pass. Without this every chunk's
+        intermediates would stay alive until backward and chunking would save little memory.
+        """
         self._check(student, teacher, labels)
+        if student.requires_grad and torch.is_grad_enabled():
+            return _EagerGradBlock.apply(student, teacher.detach(), labels, self)
+        return self._block_sum_graph(student, teacher, labels)
+
+    def _block_sum_graph(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         vocab = student.shape[-1]
         keep = labels.reshape(-1) != self.ignore_index
         s = student.reshape(-1, vocab).float()
@@ -178,6 +189,28 @@ class _Divergence(nn.Module):
         """Mean of the per-token loss over counted tokens (0 when none counts)."""
         total, count = self.token_sum(student_logits, teacher_logits, labels)
         return total / count.clamp(min=1)
+
+
+class _EagerGradBlock(torch.autograd.Function):
+    """Value of one block with its gradient computed in the forward pass (see ``_Divergence._block_sum``).
+
+    One generic mechanism for every divergence: autograd differentiates the divergence's own ``per_token`` on a
+    detached copy of the block, so no hand-written gradient can drift from the forward definition.
+    """
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, loss: "_Divergence") -> torch.Tensor:
+        with torch.enable_grad():
+            leaf = student.detach().requires_grad_(True)
+            value = loss._block_sum_graph(leaf, teacher, labels)
+            (grad,) = torch.autograd.grad(value, leaf)
+        ctx.save_for_backward(grad)
+        return value.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
 
 
 class ForwardKLLoss(_Divergence):
