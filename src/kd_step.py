@@ -74,12 +74,12 @@ def kd_health_sums(
     student_chunks = _as_chunks(student_logits, labels)
     teacher_chunks = _as_chunks(teacher_logits, labels)
     for (s_chunk, chunk_labels), (t_chunk, _) in zip(student_chunks, teacher_chunks):
+        # Masking instead of boolean indexing or an `if keep.any()` shortcut: both would force a device sync per
+        # chunk inside the training step.
         keep = chunk_labels != ignore_index
-        if not bool(keep.any()):
-            continue
-        s_kept, t_kept = s_chunk[keep], t_chunk[keep].float()
-        agree += (s_kept.argmax(-1) == t_kept.argmax(-1)).sum()
-        t_logp = torch.log_softmax(t_kept, dim=-1)
+        agree += ((s_chunk.argmax(-1) == t_chunk.argmax(-1)) & keep).sum()
+        t_logp = torch.log_softmax(t_chunk.float(), dim=-1)
         # 0 * log 0 = 0 for masked (-inf) vocabulary entries.
-        entropy += -(t_logp.exp() * t_logp.masked_fill(torch.isinf(t_logp), 0.0)).sum()
+        row_entropy = -(t_logp.exp() * t_logp.masked_fill(torch.isinf(t_logp), 0.0)).sum(-1)
+        entropy += torch.where(keep, row_entropy, torch.zeros_like(row_entropy)).sum()
     return agree, entropy
