@@ -17,7 +17,8 @@ and ``ignore_index``. Each has a chunked twin ``<Name>WithChunkedOutputLoss(num_
 the lists of logit chunks torchtune's ``model.set_num_output_chunks(n)`` produces; all of them share one chunking
 mechanism (:class:`_ChunkedOutputMixin`).
 
-Shape of the computation (Liger-Kernel style): a pure function gives a per-token value from fp32 log-probabilities;
+Shape of the computation (Liger-Kernel style): a pure function gives a per-token value from fp32 log-probabilities
+(``per_token``, the definition; ``value_and_grad``, the same value with its hand-derived gradient, used in training);
 ``token_sum`` adds it over counted tokens; the mean (``forward``) divides once by the count, so a batch with no
 counted token gives exactly 0 with zero gradients, and chunked equals unchunked. Recipes sum ``token_sum`` over
 micro-batches and divide by the step's token count so that every token weighs the same.
@@ -101,6 +102,39 @@ def tvd_per_token(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
     return 0.5 * (t_logp.exp() - s_logp.exp()).abs().sum(-1)
 
 
+def _weighted_log_ratio(p: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """``p · log_ratio`` elementwise, in place on ``log_ratio``, with the ``0·log 0 = 0`` convention.
+
+    A nan here can only come from ``0 · (±inf)`` or ``0 · nan`` (``p = 0`` where a log-probability is -inf): those
+    terms are 0 by definition. Where ``p > 0`` the log-probabilities are finite, so a genuine +inf (an infinite
+    divergence) is kept.
+    """
+    return log_ratio.mul_(p).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+
+
+def _through_softmax(probs: torch.Tensor, probs_times_grad: torch.Tensor) -> torch.Tensor:
+    """Gradient with respect to logits from ``p ⊙ ∂L/∂p`` (in place): ``p⊙h − p·Σ(p⊙h)``, the softmax Jacobian.
+
+    Taking ``p ⊙ h`` rather than ``h`` keeps entries with ``p = 0`` (where ``h`` may be infinite) exactly 0.
+    """
+    return probs_times_grad.addcmul_(probs, probs_times_grad.sum(-1, keepdim=True), value=-1.0)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w·a + (1−w)·b) for 0 < w < 1 as a logsumexp, gradient-free, in one new tensor.
+
+    -inf where both are -inf; no underflow of the mixture. Written as ``log(1−w) + logaddexp(log a + log(w/(1−w)),
+    log b)`` so that only one temporary is allocated.
+    """
+    shifted_a = log_a + (math.log(weight_a) - math.log1p(-weight_a))
+    return torch.logaddexp(shifted_a, log_b, out=shifted_a).add_(math.log1p(-weight_a))
+
+
+def _zero_value_and_grad(s_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Value and gradient of a divergence that is identically 0 (a mixture equal to the compared distribution)."""
+    return torch.zeros(s_logp.shape[:-1], dtype=s_logp.dtype, device=s_logp.device), torch.zeros_like(s_logp)
+
+
 def _check_fraction(name: str, value: float) -> float:
     value = float(value)
     if not 0.0 <= value <= 1.0:
@@ -128,7 +162,31 @@ class _Divergence(nn.Module):
         self.ignore_index = ignore_index
 
     def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
-        """The divergence per row of fp32 log-probabilities ``(num_tokens, vocab)`` -> ``(num_tokens,)``."""
+        """The divergence per row of fp32 log-probabilities ``(num_tokens, vocab)`` -> ``(num_tokens,)``.
+
+        The definition, written with differentiable torch ops: used without gradients and as the reference that
+        :meth:`value_and_grad` is tested against.
+        """
+        raise NotImplementedError
+
+    def value_and_grad(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The divergence per row and its gradient with respect to the student's (temperature-scaled) logits.
+
+        Hand-derived, so that a chunk costs a few vocabulary-sized passes instead of autograd's forward and backward
+        through every intermediate. Each subclass writes ``∂L/∂p_s`` as ``p_s ⊙ h`` and maps it through the softmax
+        Jacobian with :func:`_through_softmax`.
+
+        Both arguments are scratch space: they are overwritten (the gradient is usually built in ``s_logp``'s
+        memory). On CPU a fresh vocabulary-sized tensor costs about as much as three in-place passes over it (new
+        pages are faulted in), so the implementations allocate at most two.
+
+        Args:
+            s_logp (torch.Tensor): student log-probabilities ``(num_tokens, vocab)``, fp32; overwritten.
+            t_logp (torch.Tensor): teacher log-probabilities ``(num_tokens, vocab)``, fp32; overwritten.
+
+        Returns:
+            tuple[torch.Tensor, torch.Tensor]: values ``(num_tokens,)`` and gradient ``(num_tokens, vocab)``.
+        """
         raise NotImplementedError
 
     def _check(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> None:
@@ -148,15 +206,39 @@ class _Divergence(nn.Module):
     def _block_sum(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum of the per-token divergence over counted tokens of one block (fp32 scalar, already × T²).
 
-        When the student's logits need a gradient, the block's gradient is computed right away and the block's
-        autograd graph (fp32 upcasts, softmaxes, mixtures: several vocab-sized tensors) is freed; only the gradient,
-        one tensor the size of the block's logits, waits for the backward pass. Without this every chunk's
-        intermediates would stay alive until backward and chunking would save little memory.
+        When the student's logits need a gradient, the block's gradient is computed right away by the divergence's
+        hand-derived :meth:`value_and_grad` and its intermediates (fp32 upcasts, softmaxes, mixtures: several
+        vocab-sized tensors) are freed; only the gradient, one tensor the size of the block's logits, waits for the
+        backward pass. With autograd every chunk's intermediates would stay alive until backward and chunking would
+        save little memory.
         """
         self._check(student, teacher, labels)
         if student.requires_grad and torch.is_grad_enabled():
             return _EagerGradBlock.apply(student, teacher.detach(), labels, self)
         return self._block_sum_graph(student, teacher, labels)
+
+    def _block_value_and_grad(
+        self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum over counted tokens of one block (× T²) and its gradient with respect to ``student`` (its dtype)."""
+        vocab = student.shape[-1]
+        keep = labels.reshape(-1) != self.ignore_index
+        s = student.detach().reshape(-1, vocab).float()
+        t = teacher.detach().reshape(-1, vocab).float()
+        if self.temperature != 1.0:
+            s, t = s / self.temperature, t / self.temperature
+        values, grad = self.value_and_grad(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1))
+        # Ignored rows are computed and then dropped; where() and fills, not multiplication, because such a row may
+        # be inf/nan (e.g. all -inf padding logits). On CPU, filling just the ignored rows by index is ~10× cheaper
+        # than a masked pass over the whole block; elsewhere the index would cost a device sync per chunk.
+        values = torch.where(keep, values, torch.zeros_like(values))
+        if grad.device.type == "cpu":
+            grad = grad.index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
+        else:
+            grad = grad.masked_fill_(~keep[:, None], 0.0)
+        if self.temperature != 1.0:
+            grad = grad.mul_(self.temperature)  # ∂(T²·L(z/T))/∂z = T·∂L/∂s
+        return values.sum() * (self.temperature**2), grad.view(student.shape).to(student.dtype)
 
     def _block_sum_graph(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         vocab = student.shape[-1]
@@ -194,23 +276,27 @@ class _Divergence(nn.Module):
 class _EagerGradBlock(torch.autograd.Function):
     """Value of one block with its gradient computed in the forward pass (see ``_Divergence._block_sum``).
 
-    One generic mechanism for every divergence: autograd differentiates the divergence's own ``per_token`` on a
-    detached copy of the block, so no hand-written gradient can drift from the forward definition.
+    One generic mechanism for every divergence: the divergence supplies ``value_and_grad``; this saves the gradient
+    and scales it by the incoming gradient in backward. ``tests/test_losses_reference.py`` checks every
+    ``value_and_grad`` against autograd of the same divergence's ``per_token`` and against a float64 reference.
     """
 
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, loss: "_Divergence") -> torch.Tensor:
-        with torch.enable_grad():
-            leaf = student.detach().requires_grad_(True)
-            value = loss._block_sum_graph(leaf, teacher, labels)
-            (grad,) = torch.autograd.grad(value, leaf)
+        value, grad = loss._block_value_and_grad(student, teacher, labels)
         ctx.save_for_backward(grad)
-        return value.detach()
+        return value
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
+        # In place: the saved gradient is this block's alone and a fresh logits-sized tensor costs more than the
+        # multiplication. So a second backward through the same graph (retain_graph=True) would see a scaled
+        # gradient: refuse it rather than return a wrong one.
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("kd_losses computes each chunk's gradient once; backward twice through it (retain_graph=True) is not supported")
+        ctx.consumed = True
         (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None
 
 
 class ForwardKLLoss(_Divergence):
@@ -219,12 +305,23 @@ class ForwardKLLoss(_Divergence):
     def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
         return kl_per_token(t_logp, s_logp)
 
+    def value_and_grad(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p_t = t_logp.exp()
+        values = _weighted_log_ratio(p_t, t_logp.sub_(s_logp)).sum(-1)
+        return values, s_logp.exp_().sub_(p_t)  # ∂KL(p_t‖p_s)/∂z_s = p_s − p_t
+
 
 class ReverseKLLoss(_Divergence):
     """KL(p_s ‖ p_t): the student's own distribution weighs the errors (mode-seeking)."""
 
     def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
         return kl_per_token(s_logp, t_logp)
+
+    def value_and_grad(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p_s = s_logp.exp()
+        terms = _weighted_log_ratio(p_s, s_logp.sub_(t_logp))  # p_s·log(p_s/p_t) = p_s ⊙ ∂KL/∂p_s (+ a constant)
+        values = terms.sum(-1)
+        return values, _through_softmax(p_s, terms)
 
 
 class SymmetricKLLoss(_Divergence):
@@ -247,6 +344,21 @@ class SymmetricKLLoss(_Divergence):
             value = value + lam * kl_per_token(s_logp, t_logp)
         return value
 
+    def value_and_grad(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = self.lambda_weight
+        if lam == 0.0:
+            return ForwardKLLoss.value_and_grad(self, s_logp, t_logp)
+        if lam == 1.0:
+            return ReverseKLLoss.value_and_grad(self, s_logp, t_logp)
+        p_s, p_t = s_logp.exp(), t_logp.exp()
+        log_ratio = s_logp.sub_(t_logp)  # log(p_s/p_t)
+        forward_terms = _weighted_log_ratio(p_t, torch.mul(log_ratio, -1.0, out=t_logp))
+        values = (1 - lam) * forward_terms.sum(-1)
+        reverse_terms = _weighted_log_ratio(p_s, log_ratio)
+        values = values + lam * reverse_terms.sum(-1)
+        grad = _through_softmax(p_s, reverse_terms).mul_(lam)
+        return values, grad.add_(p_s.sub_(p_t), alpha=1 - lam)
+
 
 class JSDistanceLoss(_Divergence):
     """Generalised Jensen-Shannon divergence λ·KL(p_s‖m) + (1−λ)·KL(p_t‖m), m = (1−λ)·p_t + λ·p_s.
@@ -266,6 +378,19 @@ class JSDistanceLoss(_Divergence):
     def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
         return jsd_per_token(s_logp, t_logp, self.lambda_weight)
 
+    def value_and_grad(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = self.lambda_weight
+        if lam in (0.0, 1.0):  # the mixture is the compared distribution itself
+            return _zero_value_and_grad(s_logp)
+        log_m = _log_mix(t_logp, s_logp, 1.0 - lam)
+        p_s = s_logp.exp()
+        student_terms = _weighted_log_ratio(p_s, s_logp.sub_(log_m))
+        values = lam * student_terms.sum(-1)
+        teacher_log_ratio = torch.sub(t_logp, log_m, out=log_m)
+        values = values + (1 - lam) * _weighted_log_ratio(t_logp.exp_(), teacher_log_ratio).sum(-1)
+        # ∂JSD/∂p_s = λ·log(p_s/m): the mixture's own derivative terms cancel.
+        return values, _through_softmax(p_s, student_terms).mul_(lam)
+
 
 class TVDistanceLoss(_Divergence):
     """Total variation distance ½·Σ|p_t − p_s| ∈ [0, 1]."""
@@ -273,8 +398,36 @@ class TVDistanceLoss(_Divergence):
     def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
         return tvd_per_token(s_logp, t_logp)
 
+    def value_and_grad(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p_s = s_logp.exp_()
+        delta = torch.sub(p_s, t_logp.exp_(), out=t_logp)
+        values = 0.5 * torch.linalg.vector_norm(delta, ord=1, dim=-1)
+        # ∂TVD/∂p_s = ½·sign(p_s − p_t) (0 where they are equal, as autograd's abs)
+        ps_h = delta.sign_().mul_(p_s).mul_(0.5)
+        return values, _through_softmax(p_s, ps_h)
 
-class SkewForwardKLLoss(_Divergence):
+
+class _SkewKL(_Divergence):
+    """Shared by the skew KLs: ``alpha`` and its edge cases (α = 0 is the plain KL, α = 1 gives 0)."""
+
+    _unskewed: type
+
+    def __init__(self, alpha: float = 0.1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.alpha = _check_fraction("alpha", alpha)
+
+    def value_and_grad(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.alpha == 0.0:
+            return self._unskewed.value_and_grad(self, s_logp, t_logp)
+        if self.alpha == 1.0:
+            return _zero_value_and_grad(s_logp)
+        return self._skewed_value_and_grad(s_logp, t_logp)
+
+    def _skewed_value_and_grad(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class SkewForwardKLLoss(_SkewKL):
     """DistiLLM's skew KL (Ko et al., 2024): KL(p_t ‖ α·p_t + (1−α)·p_s).
 
     Mixing a share α of the teacher into the student keeps the divergence finite where the student gives a token
@@ -284,27 +437,41 @@ class SkewForwardKLLoss(_Divergence):
         alpha (float): α ∈ [0, 1]. Default 0.1 (the paper's choice).
     """
 
-    def __init__(self, alpha: float = 0.1, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.alpha = _check_fraction("alpha", alpha)
+    _unskewed = ForwardKLLoss
 
     def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
         return kl_per_token(t_logp, _log_mixture(t_logp, s_logp, self.alpha))
 
+    def _skewed_value_and_grad(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_m = _log_mix(t_logp, s_logp, self.alpha)
+        p_s = s_logp.exp()
+        # p_s ⊙ ∂/∂p_s = −(1−α)·p_s·p_t/m, in log space; nan only where both are -inf (a 0 term)
+        ps_h = s_logp.add_(t_logp).sub_(log_m).exp_().nan_to_num_(nan=0.0).mul_(self.alpha - 1.0)
+        teacher_log_ratio = torch.sub(t_logp, log_m, out=log_m)
+        values = _weighted_log_ratio(t_logp.exp_(), teacher_log_ratio).sum(-1)
+        return values, _through_softmax(p_s, ps_h)
 
-class SkewReverseKLLoss(_Divergence):
+
+class SkewReverseKLLoss(_SkewKL):
     """DistiLLM's skew reverse KL: KL(p_s ‖ α·p_s + (1−α)·p_t). α = 0 is the reverse KL; α = 1 gives 0.
 
     Args:
         alpha (float): α ∈ [0, 1]. Default 0.1.
     """
 
-    def __init__(self, alpha: float = 0.1, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.alpha = _check_fraction("alpha", alpha)
+    _unskewed = ReverseKLLoss
 
     def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
         return kl_per_token(s_logp, _log_mixture(s_logp, t_logp, self.alpha))
+
+    def _skewed_value_and_grad(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_m = _log_mix(s_logp, t_logp, self.alpha)
+        p_s = s_logp.exp()
+        # p_s ⊙ ∂/∂p_s = p_s·log(p_s/m) − α·p_s²/m (+ a constant that the softmax removes); t_logp is free now
+        self_term = torch.mul(s_logp, 2.0, out=t_logp).sub_(log_m).exp_().nan_to_num_(nan=0.0)
+        terms = _weighted_log_ratio(p_s, s_logp.sub_(log_m))
+        values = terms.sum(-1)
+        return values, _through_softmax(p_s, terms.sub_(self_term, alpha=self.alpha))
 
 
 # ---------------------------------------------------------------------------------------------------- chunking

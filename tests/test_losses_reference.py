@@ -105,6 +105,44 @@ def test_matches_reference_value_and_gradient(name, shape, kw):
     torch.testing.assert_close(s_ours.grad.double(), s_ref.grad, rtol=1e-4, atol=1e-7)
 
 
+def _with_parameter(name: str, weight: float):
+    if name in ("symmetric_kl", "jsd"):
+        return make(name, lam=weight)
+    if name.startswith("skew"):
+        return make(name, alpha=weight)
+    return make(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("masking", ["none", "both", "teacher", "student", "huge_gaps"])
+def test_hand_written_gradient_matches_autograd_of_the_definition(name, weight, masking):
+    """value_and_grad (used in training) against autograd through the same divergence's per_token, in float64."""
+    s, t, _ = inputs((17, 29), seed=21)
+    s, t = s.double(), t.double()
+    if masking == "both":
+        s[:, -4:] = t[:, -4:] = float("-inf")
+    elif masking == "teacher":
+        t[:, :3] = float("-inf")
+    elif masking == "student":
+        s[:, 5:8] = float("-inf")
+    elif masking == "huge_gaps":
+        s, t = s * 1e4 / s.abs().max(), -t * 1e4 / t.abs().max()
+    loss = _with_parameter(name, weight)
+    leaf = s.clone().requires_grad_(True)
+    expected_values = loss.per_token(torch.log_softmax(leaf, -1), torch.log_softmax(t, -1))
+    if not torch.isfinite(expected_values).all():
+        pytest.skip("the divergence is infinite for this masking (tested in test_masked_vocabulary_in_one_model)")
+    if expected_values.requires_grad:
+        (expected_grad,) = torch.autograd.grad(expected_values.sum(), leaf)
+    else:  # a constant 0 (JSD at λ ∈ {0, 1}, skew KL at α = 1)
+        expected_grad = torch.zeros_like(s)
+    values, grad = loss.value_and_grad(torch.log_softmax(s, -1), torch.log_softmax(t, -1))
+    torch.testing.assert_close(values, expected_values.detach(), rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_chunked_equals_unchunked_with_uneven_masking(name):
     bsz, seq, vocab, chunks = 3, 16, 29, 4
@@ -242,6 +280,38 @@ def test_masked_vocabulary_in_one_model(name):
         assert ok, name
     else:
         assert math.isinf(value.item())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ignored_rows_may_hold_anything(name):
+    """Padding rows may carry all -inf (or nan) logits: they must not leak into the value or the gradient."""
+    s, t, labels = inputs((3, 6, 19), seed=14)
+    labels[0, 2] = labels[2, 5] = -100
+    s_bad, t_bad = s.clone(), t.clone()
+    s_bad[0, 2] = float("-inf")
+    t_bad[0, 2] = float("-inf")
+    s_bad[2, 5] = float("nan")
+    for loss in (make(name), make(name, chunked=True, chunks=3)):
+        grads = []
+        for student, teacher in ((s, t), (s_bad, t_bad)):
+            leaf = student.clone().requires_grad_(True)
+            chunked = isinstance(loss, kd_losses._ChunkedOutputMixin)
+            args = (list(leaf.chunk(3, 1)), list(teacher.chunk(3, 1))) if chunked else (leaf, teacher)
+            value = loss(*args, labels)
+            value.backward()
+            grads.append((value, leaf.grad))
+        torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)
+        torch.testing.assert_close(grads[1][1], grads[0][1], rtol=0, atol=0)
+        assert torch.equal(grads[1][1][0, 2], torch.zeros(19)) and torch.equal(grads[1][1][2, 5], torch.zeros(19))
+
+
+def test_second_backward_through_a_block_is_refused():
+    s, t, labels = inputs((5, 11), seed=15)
+    leaf = s.clone().requires_grad_(True)
+    value = kd_losses.JSDistanceLoss()(leaf, t, labels)
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        value.backward()
 
 
 @pytest.mark.parametrize("name", NAMES)
