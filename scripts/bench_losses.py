@@ -6,7 +6,11 @@ projection, ``hidden (tokens, dim) @ weight (vocab, dim)^T``, split into chunks 
 ``set_num_output_chunks`` does, and forward + backward go through the projection, as in a recipe. Reported per
 method: median wall time of forward+backward over ``--repeats`` (after one warm-up) and the peak resident memory
 above the process's memory once the inputs exist (``ru_maxrss``), each also as a ratio to torchtune's
-``ForwardKLWithChunkedOutputLoss`` measured in the same run.
+``ForwardKLWithChunkedOutputLoss``.
+
+These machines are noisy, so ``--rounds`` repeats the whole sweep (every method once per round, interleaved) and
+each ratio is taken against torchtune's time *from the same round*; the table shows the median ratio over rounds
+and its range, the memory columns the largest peak seen.
 
     python scripts/bench_losses.py                      # (2048, 32000) and (1024, 128256), fp32, 8 chunks
     python scripts/bench_losses.py --quick              # a tiny case, for a smoke test
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -87,9 +92,11 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512, help="hidden size of the output projection")
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="sweeps over all methods, interleaved")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--quick", action="store_true", help="one tiny case, one repeat")
+    parser.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -101,27 +108,39 @@ def main() -> None:
         return
 
     methods = args.methods.split(",")
+    baseline = "torchtune_forward_kl_chunked"
+    if baseline not in methods:
+        parser.error(f"--methods must include {baseline}, the baseline of every ratio")
     print(f"fp32, CPU, {args.threads} threads, dim {args.dim}, {args.chunks} chunks, median of {args.repeats} "
-          "forward+backward passes (after a warm-up), each method in a fresh process")
+          f"forward+backward passes (after a warm-up), each method in a fresh process, {args.rounds} round(s)")
+    report: dict[str, list[dict[str, dict]]] = {}
     for case in args.cases.split(","):
         tokens, vocab = (int(x) for x in case.lower().split("x"))
-        results = {}
-        for method in methods:
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", f"{method}:{tokens}:{vocab}", "--dim", str(args.dim),
-                 "--chunks", str(args.chunks), "--repeats", str(args.repeats), "--threads", str(args.threads)],
-                capture_output=True, text=True, check=True,
-            )
-            results[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        base = results.get("torchtune_forward_kl_chunked")
+        rounds: list[dict[str, dict]] = []
+        report[f"{tokens}x{vocab}"] = rounds
+        for _ in range(args.rounds):
+            results = {}
+            for method in methods:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", f"{method}:{tokens}:{vocab}", "--dim", str(args.dim),
+                     "--chunks", str(args.chunks), "--repeats", str(args.repeats), "--threads", str(args.threads)],
+                    capture_output=True, text=True, check=True,
+                )
+                results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            rounds.append(results)
         print(f"\n(tokens, vocab) = ({tokens}, {vocab})")
-        print(f"| method | time (s) | peak memory (MiB) | time / torchtune | memory / torchtune |")
-        print("|---|---|---|---|---|")
+        print("| method | time (s) | peak memory (MiB) | time / torchtune | (range over rounds) | memory / torchtune |")
+        print("|---|---|---|---|---|---|")
+        base_peak = max(r[baseline]["peak_mib"] for r in rounds)
         for method in methods:
-            r = results[method]
-            t_ratio = r["seconds"] / base["seconds"] if base else float("nan")
-            m_ratio = r["peak_mib"] / base["peak_mib"] if base and base["peak_mib"] > 0 else float("nan")
-            print(f"| {method} | {r['seconds']:.3f} | {r['peak_mib']:.0f} | {t_ratio:.2f} | {m_ratio:.2f} |")
+            seconds = statistics.median(r[method]["seconds"] for r in rounds)
+            ratios = sorted(r[method]["seconds"] / r[baseline]["seconds"] for r in rounds)
+            peak = max(r[method]["peak_mib"] for r in rounds)
+            m_ratio = peak / base_peak if base_peak > 0 else float("nan")
+            print(f"| {method} | {seconds:.3f} | {peak:.0f} | {statistics.median(ratios):.2f} | "
+                  f"{ratios[0]:.2f}–{ratios[-1]:.2f} | {m_ratio:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "json"}, "cases": report}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -250,3 +250,19 @@ def test_tune_run_cli(tiny_assets, assets_root, tmp_path):
     metrics = kd_metrics.read_disk_log(tmp_path / "cli_logs")
     assert len(metrics["loss"]) == 2
     assert (tmp_path / "epoch_0" / "config.json").is_file()
+
+
+def test_compile_matches_eager(tiny_assets, assets_root, tmp_path):
+    """compile: true (torchtune compiles each decoder layer and wraps the loss) trains the same as eager."""
+    common = ["max_steps_per_epoch=2", "shuffle=false"]
+    run_recipe(tiny_config(assets_root, tmp_path / "eager", common), RECIPE)
+    compiled = run_recipe(tiny_config(assets_root, tmp_path / "compiled", [*common, "compile=true"]), RECIPE)
+    assert compiled._compile
+    assert any(getattr(m, "_compiled_call_impl", None) is not None for m in compiled._model.modules())
+    eager_metrics = kd_metrics.read_disk_log(tmp_path / "eager" / "logs")
+    compiled_metrics = kd_metrics.read_disk_log(tmp_path / "compiled" / "logs")
+    for key in ("loss", "ce_loss", "kd_loss", "ir_loss", "grad_norm"):
+        eager_values = [v for _, v in eager_metrics[key]]
+        compiled_values = [v for _, v in compiled_metrics[key]]
+        assert len(compiled_values) == 2
+        assert compiled_values == pytest.approx(eager_values, rel=1e-4), key
