@@ -35,7 +35,7 @@ demo-tiny: setup
 		$(PY) scripts/demo.py --tiny
 
 bench: setup
-	$(PY) scripts/bench_losses.py
+	$(PY) scripts/bench_losses.py --rounds 3 --repeats 2
 
 clean:
 	rm -rf outputs cache .pytest_cache

@@ -3,7 +3,8 @@
 
 Each measurement runs in a fresh process (so peak memory is that case's alone): the logits come from an output
 projection, ``hidden (tokens, dim) @ weight (vocab, dim)^T``, split into chunks the way torchtune's
-``set_num_output_chunks`` does, and forward + backward go through the projection, as in a recipe. Reported per
+``set_num_output_chunks`` does, and forward + backward go through the projection, as in a recipe. Two unchunked
+baselines: plain PyTorch (``F.kl_div`` on full logits, autograd) and our ``ForwardKLLoss`` on full logits. Reported per
 method: median wall time of forward+backward over ``--repeats`` (after one warm-up) and the peak resident memory
 above the process's memory once the inputs exist (``ru_maxrss``), each also as a ratio to torchtune's
 ``ForwardKLWithChunkedOutputLoss``.
@@ -26,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-METHODS = ["torchtune_forward_kl_chunked", "full_logits_forward_kl"] + [
+METHODS = ["torchtune_forward_kl_chunked", "full_logits_torch_kl_div", "full_logits_ours_forward_kl"] + [
     f"ours_{name}_chunked" for name in ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
 ]
 
@@ -51,7 +52,18 @@ def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: 
         from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
 
         loss_fn, chunked = ForwardKLWithChunkedOutputLoss(num_output_chunks=chunks), True
-    elif method == "full_logits_forward_kl":
+    elif method == "full_logits_torch_kl_div":
+        # What one writes without chunking: plain PyTorch on the full logits, autograd for the backward.
+        import torch.nn.functional as F
+
+        def loss_fn(student, teacher, labels):
+            per_token = F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1),
+                                 log_target=True, reduction="none").sum(-1)
+            keep = labels != -100
+            return (per_token * keep).sum() / keep.sum().clamp(min=1)
+
+        chunked = False
+    elif method == "full_logits_ours_forward_kl":
         import kd_losses
 
         loss_fn, chunked = kd_losses.ForwardKLLoss(), False
