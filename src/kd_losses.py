@@ -130,6 +130,16 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch
     return torch.logaddexp(shifted_a, log_b, out=shifted_a).add_(math.log1p(-weight_a))
 
 
+def _zero_ignored_rows(grad: torch.Tensor, keep: torch.Tensor, *, by_index: bool) -> torch.Tensor:
+    """Zero, in place, the rows of ``grad`` ``(num_tokens, vocab)`` whose ``keep`` ``(num_tokens,)`` is False.
+
+    ``by_index`` touches only those rows (cheapest on CPU); otherwise one masked pass, which needs no device sync.
+    """
+    if by_index:
+        return grad.index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
+    return grad.masked_fill_(~keep[:, None], 0.0)
+
+
 def _zero_value_and_grad(s_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Value and gradient of a divergence that is identically 0 (a mixture equal to the compared distribution)."""
     return torch.zeros(s_logp.shape[:-1], dtype=s_logp.dtype, device=s_logp.device), torch.zeros_like(s_logp)
@@ -232,10 +242,7 @@ class _Divergence(nn.Module):
         # be inf/nan (e.g. all -inf padding logits). On CPU, filling just the ignored rows by index is ~10× cheaper
         # than a masked pass over the whole block; elsewhere the index would cost a device sync per chunk.
         values = torch.where(keep, values, torch.zeros_like(values))
-        if grad.device.type == "cpu":
-            grad = grad.index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
-        else:
-            grad = grad.masked_fill_(~keep[:, None], 0.0)
+        grad = _zero_ignored_rows(grad, keep, by_index=grad.device.type == "cpu")
         if self.temperature != 1.0:
             grad = grad.mul_(self.temperature)  # ∂(T²·L(z/T))/∂z = T·∂L/∂s
         return values.sum() * (self.temperature**2), grad.view(student.shape).to(student.dtype)

@@ -308,6 +308,18 @@ def test_ignored_rows_may_hold_anything(name):
         assert torch.equal(grads[1][1][0, 2], torch.zeros(19)) and torch.equal(grads[1][1][2, 5], torch.zeros(19))
 
 
+def test_both_ways_of_zeroing_ignored_rows_agree():
+    """The accelerator path (one masked pass) cannot run here; it must equal the CPU path (fill by index)."""
+    grad = torch.randn(9, 13)
+    grad[4] = float("nan")
+    grad[7] = float("-inf")
+    keep = torch.tensor([True, True, False, True, False, True, True, False, True])
+    by_index = kd_losses._zero_ignored_rows(grad.clone(), keep, by_index=True)
+    masked = kd_losses._zero_ignored_rows(grad.clone(), keep, by_index=False)
+    assert torch.equal(by_index, masked)
+    assert torch.equal(by_index[~keep], torch.zeros(3, 13)) and torch.equal(by_index[keep], grad[keep])
+
+
 def test_second_backward_through_a_block_is_refused():
     s, t, labels = inputs((5, 11), seed=15)
     leaf = s.clone().requires_grad_(True)
