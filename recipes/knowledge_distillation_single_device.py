@@ -26,9 +26,8 @@ Only orchestration lives here; each KD idea is an importable module under ``src/
 from __future__ import annotations
 
 import math
-import os
 import resource
-import shutil
+import signal
 import sys
 import time
 from functools import partial
@@ -44,7 +43,6 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune import config, modules, training, utils
 from torchtune.data import padded_collate_packed, padded_collate_sft
 from torchtune.datasets import ConcatDataset
-from torchtune.models import convert_weights
 from torchtune.modules.peft import (
     get_adapter_params,
     get_adapter_state_dict,
@@ -58,34 +56,22 @@ from torchtune.training import DummyProfiler, PROFILER_KEY
 from tqdm import tqdm
 
 import kd_alignment
+import kd_checkpoint
 import kd_config
 import kd_scaling
 import kd_step
 
 log = utils.get_logger("INFO")
 
-TRAINING_STATE_DIR = "training_state"
-TRAINING_STATE_FILE = "recipe_state.pt"
+# Exit status after a signal-triggered checkpoint: the shell's convention (128 + signal number), so schedulers and
+# scripts see that the run stopped early although nothing was lost.
+SIGNAL_EXIT_BASE = 128
+# Settings compared on resume: a change is reported (see _check_resumed_settings).
+RESUME_SETTINGS = ("optimizer", "batch_size", "gradient_accumulation_steps", "kd_loss", "loss_scaling")
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` to ``path`` so that a crash leaves either the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _replace_dir(staged: Path, final: Path) -> None:
-    """Move a fully written folder into place, replacing an older one of the same name."""
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-        os.replace(staged, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staged, final)
+class TrainingDivergedError(RuntimeError):
+    """A loss component or the gradient norm became NaN/inf; no weights of that step were applied or saved."""
 
 
 class KDRecipeSingleDevice(FTRecipeInterface):
@@ -102,6 +88,18 @@ class KDRecipeSingleDevice(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
+        # Reject bad input before anything else: the config, its inputs, the data and the output folder.
+        self._facts = kd_config.validate_config(cfg, build_data=True)
+        output_problems = kd_checkpoint.check_output_dir(
+            Path(cfg.output_dir),
+            epochs=cfg.epochs,
+            resume=bool(cfg.get("resume_from_checkpoint", False)),
+            overwrite=bool(cfg.get("overwrite_output_dir", False)),
+            inputs=kd_checkpoint.config_input_paths(cfg),
+        )
+        if output_problems:
+            raise kd_config.ConfigError(output_problems)
+
         self._device = utils.get_device(device=cfg.device)
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         if self._dtype == torch.float16:
@@ -122,26 +120,44 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
         self._projection_lr_multiplier = float(cfg.get("projection_lr_multiplier", 1.0))
-        self._facts: Optional[kd_config.ModelFacts] = None
+        self._save_every_n_steps = cfg.get("save_every_n_steps", None)
+        self._keep_last_n = int(cfg.get("keep_last_n", 1))
+        self._max_nonfinite_steps = int(cfg.get("max_nonfinite_steps", 0))
+        self._nonfinite_steps = 0
+        self._steps_done_in_epoch = 0
+        self._dataloader_state: Optional[Dict[str, Any]] = None
+        self._last_checkpoint: Optional[Path] = None
+        self._stop_signal: Optional[int] = None
 
     # ------------------------------------------------------------------ set-up
 
     def setup(self, cfg: DictConfig) -> None:
-        """Build everything: pre-flight, models, tokenizer, alignment, losses, optimiser, data, scheduler."""
-        # Reject bad input before any weights load.
-        self._facts = kd_config.validate_config(cfg)
+        """Build everything: pre-flight, models, tokenizer, alignment, losses, optimiser, data, scheduler.
+
+        Raises:
+            kd_config.ConfigError: a changed layer mapping on resume, or no training state to resume.
+            kd_checkpoint.CheckpointError: the training state to resume cannot be loaded safely.
+        """
+        training_state = self._load_training_state() if self._resume_from_checkpoint else None
+        if training_state is None and cfg.get("overwrite_output_dir", False):
+            for removed in kd_checkpoint.remove_previous_run(self._output_dir):
+                log.info(f"overwrite_output_dir=True: removed the earlier run's {removed}")
+
+        config.log_config(recipe_name="KDRecipeSingleDevice", cfg=cfg)
         for notice in self._facts.notices:
-            log.info(f"Notice: {notice}")
+            log.warning(f"Notice: {notice}")
 
         self._metric_logger = config.instantiate(cfg.metric_logger)
         self._metric_logger.log_config(cfg)
 
         self._compile = cfg.get("compile", False)
-        training_state = self._load_training_state() if self._resume_from_checkpoint else None
-        if training_state is not None and self.seed != training_state[training.SEED_KEY]:
-            # The data order depends on the seed, so the checkpoint's wins before the dataloader is built.
-            log.warning(f"Config seed {self.seed} differs from the checkpoint's; using {training_state[training.SEED_KEY]}.")
-            self.seed = training_state[training.SEED_KEY]
+        self._settings = self._resume_settings(cfg)
+        if training_state is not None:
+            self._check_resumed_settings(cfg, training_state)
+            if self.seed != training_state[training.SEED_KEY]:
+                # The data order depends on the seed, so the checkpoint's wins before the dataloader is built.
+                log.warning(f"Config seed {self.seed} differs from the checkpoint's; using {training_state[training.SEED_KEY]}.")
+                self.seed = training_state[training.SEED_KEY]
 
         student_ckpt = self._load_checkpoint(cfg.checkpointer)
         teacher_ckpt = self._load_teacher_checkpoint(cfg.teacher_checkpointer)
@@ -156,20 +172,22 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._teacher_model = self._setup_teacher_model(cfg.teacher_model, teacher_ckpt[training.MODEL_KEY])
         del student_ckpt, teacher_ckpt
 
-        self._tokenizer = config.instantiate(cfg.tokenizer)
+        self._tokenizer = self._facts.tokenizer
         log.info("Tokenizer is initialized from file.")
 
         self._setup_alignment(cfg)
 
         self._loss_fn = config.instantiate(cfg.loss)
         self._kd_loss_fn = config.instantiate(cfg.kd_loss)
-        if self._compile:
-            self._kd_loss_fn = training.compile_loss(self._kd_loss_fn)
         self._ignore_index = getattr(self._loss_fn, "ignore_index", -100)
         num_chunks = getattr(self._loss_fn, "num_output_chunks", 0)
         if num_chunks:
             self._model.set_num_output_chunks(num_chunks)
             self._teacher_model.set_num_output_chunks(num_chunks)
+        self._ce_token_sum = partial(kd_step.ce_token_sum, ignore_index=self._ignore_index)
+        self._kd_token_sum = self._kd_loss_fn.token_sum
+        if self._compile:
+            self._ce_token_sum, self._kd_token_sum = kd_step.compile_losses(self._ce_token_sum, self._kd_loss_fn)
         log.info(f"Loss is initialized ({type(self._kd_loss_fn).__name__}, output chunks: {num_chunks or 'none'}).")
 
         scaling_cfg = cfg.get("loss_scaling", None)
@@ -181,16 +199,12 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._optimizer = self._setup_optimizer(cfg.optimizer)
 
         self._dataloader = self._setup_data(
-            cfg_dataset=cfg.dataset, shuffle=cfg.shuffle, batch_size=cfg.batch_size
+            self._facts.dataset, packed=self._is_packed(cfg.dataset, self._facts.dataset), shuffle=cfg.shuffle,
+            batch_size=cfg.batch_size,
         )
         self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < self._steps_per_epoch:
             self._steps_per_epoch = self.max_steps_per_epoch
-        if self._steps_per_epoch < 1:
-            raise ValueError(
-                f"batch_size={cfg.batch_size} x gradient_accumulation_steps={self._gradient_accumulation_steps} "
-                f"needs more samples than the dataset's {len(self._dataloader) * cfg.batch_size}: lower them"
-            )
 
         if training_state is not None:
             self._restore_training_state(training_state)
@@ -215,18 +229,55 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         return teacher_checkpointer.load_checkpoint()
 
     def _load_training_state(self) -> Dict[str, Any]:
-        path = self._output_dir / TRAINING_STATE_DIR / TRAINING_STATE_FILE
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"resume_from_checkpoint=True but {path} does not exist: run without resuming first, or point "
-                "output_dir at the run to resume"
+        """The newest complete training state in ``output_dir``, loaded without unpickling code."""
+        path = kd_checkpoint.latest_training_state(self._output_dir)
+        if path is None:
+            raise kd_config.ConfigError(
+                [
+                    f"resume_from_checkpoint=True but {str(self._output_dir / kd_checkpoint.TRAINING_STATE_DIR)!r} "
+                    "holds no training state: run without resuming first, or point output_dir at the run to resume"
+                ]
             )
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        log.info(f"Resuming from {path} (epochs run: {state[training.EPOCHS_KEY]}).")
+        state = kd_checkpoint.load_training_state(
+            path, required_keys=(training.SEED_KEY, training.EPOCHS_KEY, "global_step", training.OPT_KEY, "trainable")
+        )
+        self._last_checkpoint = path.parent
+        log.info(f"Resuming from {path} (epochs run: {state[training.EPOCHS_KEY]}, step {state['global_step']}).")
         return state
 
+    @staticmethod
+    def _resume_settings(cfg: DictConfig) -> Dict[str, Any]:
+        return {key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg.get(key), (DictConfig, ListConfig))
+                else cfg.get(key) for key in RESUME_SETTINGS}
+
+    def _check_resumed_settings(self, cfg: DictConfig, state: Dict[str, Any]) -> None:
+        """Refuse a changed layer mapping; warn about other settings that differ from the checkpoint's."""
+        saved_pairs = state.get("layer_pairs")
+        pairs = [list(p) for p in self._facts.layer_pairs]
+        if saved_pairs is not None and [list(p) for p in saved_pairs] != pairs:
+            raise kd_config.ConfigError(
+                [
+                    f"layer_mapping resolves to {pairs} but the checkpoint in {str(self._output_dir)!r} was trained with "
+                    f"{saved_pairs}: its projections and optimiser state belong to those pairs. Resume with the "
+                    "checkpoint's layer_mapping, or start a new run (new output_dir)."
+                ]
+            )
+        saved = state.get("settings") or {}
+        current = self._resume_settings(cfg)
+        uses = {
+            "optimizer": "the checkpoint's optimiser state is restored, including its learning rate, betas and weight "
+            "decay (PyTorch restores param-group settings); start a new run to change them",
+        }
+        for key in RESUME_SETTINGS:
+            if key in saved:
+                message = kd_checkpoint.describe_change(
+                    key, saved[key], current[key], used=uses.get(key, "the config's value is used from here on")
+                )
+                if message:
+                    log.warning(message)
+
     def _restore_training_state(self, state: Dict[str, Any]) -> None:
-        """Restore recipe counters, optimiser, projections, loss-scaling statistics and RNG from ``state``."""
+        """Restore counters, optimiser, projections, loss-scaling statistics, RNG and the dataloader position."""
         self.epochs_run = state[training.EPOCHS_KEY]
         if self.max_steps_per_epoch != state[training.MAX_STEPS_KEY]:
             log.warning("max_steps_per_epoch differs from the checkpoint's; using the checkpoint's value.")
@@ -234,6 +285,9 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             if self.max_steps_per_epoch is not None:
                 self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
         self.global_step = state["global_step"]
+        self._steps_done_in_epoch = state.get("steps_in_epoch", 0)
+        self._dataloader_state = state.get("dataloader")
+        self._nonfinite_steps = state.get("nonfinite_steps", 0)
         if self._aligner is not None and state.get("projections") is not None:
             self._aligner.projections.load_state_dict(state["projections"])
         self._optimizer.load_state_dict(state[training.OPT_KEY])
@@ -398,25 +452,28 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             self.profiler_active_steps = profiler_cfg["active_steps"]
         return profiler
 
-    def _setup_data(self, cfg_dataset: DictConfig, shuffle: bool, batch_size: int) -> StatefulDataLoader:
-        """Map-style dataset(s), the same sampler and collation as torchtune's recipe."""
+    @staticmethod
+    def _is_packed(cfg_dataset: Union[DictConfig, ListConfig], dataset: Any) -> bool:
         if isinstance(cfg_dataset, ListConfig):
-            ds = ConcatDataset(datasets=[config.instantiate(c, self._tokenizer) for c in cfg_dataset])
-            packed = getattr(ds, "packed", False)
-        else:
-            ds = config.instantiate(cfg_dataset, self._tokenizer)
-            packed = cfg_dataset.get("packed", False)
+            return bool(getattr(dataset, "packed", False))
+        return bool(cfg_dataset.get("packed", False))
+
+    def _setup_data(self, dataset: Any, *, packed: bool, shuffle: bool, batch_size: int) -> StatefulDataLoader:
+        """The same sampler and collation as torchtune's recipe, plus a real-token mask from the collator."""
         # torchtune 0.6.1 fixes the sampler's seed at 0; following the run's seed makes seeds differ in data order
         # too (with seed 0 the order is torchtune's).
-        sampler = StatefulDistributedSampler(ds, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
+        sampler = StatefulDistributedSampler(dataset, num_replicas=1, rank=0, shuffle=shuffle, seed=self.seed)
+        collate = (
+            partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
+            if not packed
+            else padded_collate_packed
+        )
         return StatefulDataLoader(
-            dataset=ds,
+            dataset=dataset,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=(
-                partial(padded_collate_sft, padding_idx=self._tokenizer.pad_id, ignore_idx=self._ignore_index)
-                if not packed
-                else padded_collate_packed
+            collate_fn=partial(
+                kd_step.collate_with_real_tokens, collate_fn=collate, packed=packed, ignore_index=self._ignore_index
             ),
             # Dropping the last, smaller batch avoids shape changes (recompiles) with compile.
             drop_last=True,
@@ -428,8 +485,8 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         """Forward both models on one micro-batch and return the loss components as token sums.
 
         Args:
-            batch (Dict[str, torch.Tensor]): ``tokens`` and ``labels`` ``(bsz, seq_len)``; with packing also
-                ``mask`` ``(bsz, seq_len, seq_len)`` and ``input_pos`` ``(bsz, seq_len)``.
+            batch (Dict[str, torch.Tensor]): ``tokens``, ``labels`` and ``real_tokens`` ``(bsz, seq_len)``; with
+                packing also ``mask`` ``(bsz, seq_len, seq_len)`` and ``input_pos`` ``(bsz, seq_len)``.
 
         Returns:
             Dict[str, torch.Tensor]: fp32 scalar sums ``ce``, ``kd``, ``ir`` (if aligned) and ``ir/<s>-<t>``, and the
@@ -446,8 +503,8 @@ class KDRecipeSingleDevice(FTRecipeInterface):
 
         labels = kd_step.shift_labels(labels, self._ignore_index)
         sums: Dict[str, torch.Tensor] = {}
-        sums["ce"] = kd_step.ce_token_sum(logits, labels, self._ignore_index)
-        sums["kd"], _ = self._kd_loss_fn.token_sum(logits, teacher_logits, labels)
+        sums["ce"] = self._ce_token_sum(logits, labels)
+        sums["kd"], _ = self._kd_token_sum(logits, teacher_logits, labels)
         sums["agree"], sums["teacher_entropy"] = kd_step.kd_health_sums(
             logits, teacher_logits, labels, self._ignore_index
         )
@@ -455,52 +512,48 @@ class KDRecipeSingleDevice(FTRecipeInterface):
 
         if self._aligner is not None:
             pair_sums, _ = self._aligner.token_sums(
-                self._student_capture.pop(), self._teacher_capture.pop(), self._real_token_mask(tokens)
+                self._student_capture.pop(), self._teacher_capture.pop(), batch[kd_step.REAL_TOKENS_KEY]
             )
             sums["ir"] = torch.stack(list(pair_sums.values())).sum() / len(pair_sums)
             for name, value in pair_sums.items():
                 sums[f"ir/{name}"] = value
         return sums
 
-    def _real_token_mask(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(bsz, seq_len)`` True at real tokens: the collator pads with the tokenizer's pad id."""
-        return tokens != self._tokenizer.pad_id
+    def _accumulate_gradients(
+        self, batches: List[Dict[str, torch.Tensor]]
+    ) -> tuple[Dict[str, torch.Tensor], Dict[str, float]]:
+        """Forward and backward every micro-batch of one optimiser step, without a host sync.
 
-    def _accumulate_gradients(self, batches: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-        """Forward and backward every micro-batch of one optimiser step.
-
-        Token counts of the whole step are known before the first backward, so each micro-batch contributes
-        ``sum / total_tokens`` and the accumulated gradient is that of the step's token mean, whatever the split
-        into micro-batches.
+        Token counts of the whole step are known (as device tensors) before the first backward, so each micro-batch
+        contributes ``sum / total_tokens`` and the accumulated gradient is that of the step's token mean, whatever
+        the split into micro-batches. The only sync is the very first step of dynamic scaling, which seeds its
+        running magnitudes from the first micro-batch.
 
         Returns:
-            Dict[str, float]: the step's component means, effective weights and diagnostics.
+            tuple: the step's component means (``loss``, ``ce``, ``kd``, ``ir``, ``ir/<pair>``, ``agree``,
+            ``teacher_entropy``) and ``label_tokens`` as detached 0-d tensors, and the weight of each component.
         """
-        label_tokens = sum(int((kd_step.shift_labels(b["labels"], self._ignore_index) != self._ignore_index).sum()) for b in batches)
-        real_tokens = sum(int(self._real_token_mask(b["tokens"]).sum()) for b in batches)
-        n_label = max(label_tokens, 1)
-        n_real = max(real_tokens, 1)
-        totals: Dict[str, float] = {}
+        n_label = torch.stack([kd_step.label_token_count(b["labels"], self._ignore_index) for b in batches]).sum()
+        n_real = torch.stack([b[kd_step.REAL_TOKENS_KEY].sum() for b in batches]).sum()
+        label_divisor, real_divisor = n_label.clamp(min=1), n_real.clamp(min=1)
+        totals: Dict[str, torch.Tensor] = {}
         weights: Optional[Dict[str, float]] = None
         for batch in batches:
             sums = self._loss_step(batch)
-            means = {k: v / (n_real if k == "ir" or k.startswith("ir/") else n_label) for k, v in sums.items()}
+            means = {k: v / (real_divisor if k == "ir" or k.startswith("ir/") else label_divisor) for k, v in sums.items()}
             if weights is None:
-                # Seeds dynamic scaling's running magnitudes on the very first step (scaled up to a step mean).
+                # Values are read (a sync) only to seed dynamic scaling on the very first step, scaled up to a step mean.
                 weights = self._weighting.weights(
-                    {c: float(means[c].detach()) * len(batches) for c in kd_scaling.COMPONENTS if c in means}
+                    kd_step.LazyFloats({c: means[c].detach() * len(batches) for c in kd_scaling.COMPONENTS if c in means})
                 )
             objective = sum(weights[c] * means[c] for c in weights if c in means)
             if objective.requires_grad:
                 objective.backward()
             for key, value in means.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach())
-            totals["loss"] = totals.get("loss", 0.0) + float(objective.detach())
-        self._weighting.update({c: totals[c] for c in kd_scaling.COMPONENTS if c in totals})
-        totals["label_tokens"] = float(label_tokens)
-        for component, weight in (weights or {}).items():
-            totals[f"weight/{component}"] = weight
-        return totals
+                totals[key] = totals[key] + value.detach() if key in totals else value.detach()
+            totals["loss"] = totals["loss"] + objective.detach() if "loss" in totals else objective.detach()
+        totals["label_tokens"] = n_label
+        return totals, weights or {}
 
     def _micro_batches(self) -> Iterator[List[Dict[str, torch.Tensor]]]:
         """Group the dataloader's batches into the micro-batches of each optimiser step (on the device)."""
@@ -517,16 +570,74 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         # ru_maxrss is in KiB on Linux.
         return {"peak_memory_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
+    def _handle_signal(self, signum: int, frame: Any) -> None:
+        """SIGTERM/SIGINT: finish the current optimiser step, then checkpoint and stop (a second Ctrl-C aborts)."""
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        log.warning(
+            f"Received {signal.Signals(signum).name}: finishing the current optimiser step, then saving a resumable "
+            "checkpoint (press Ctrl-C again to abort without saving)."
+        )
+
+    def _check_finite(self, values: Dict[str, float], epoch: int) -> bool:
+        """True if the step may be applied; skip it within ``max_nonfinite_steps`` or stop the run loudly.
+
+        Raises:
+            TrainingDivergedError: a non-finite loss component or gradient norm beyond the skip budget.
+        """
+        bad = {k: values[k] for k in ("loss", "ce", "kd", "ir", "grad_norm") if k in values and not math.isfinite(values[k])}
+        if not bad:
+            return True
+        self._nonfinite_steps += 1
+        where = f"step {self.global_step + 1} (epoch {epoch + 1})"
+        found = ", ".join(f"{k}={v}" for k, v in bad.items())
+        if self._nonfinite_steps > self._max_nonfinite_steps:
+            last = str(self._last_checkpoint) if self._last_checkpoint else "none (nothing was saved before this step)"
+            raise TrainingDivergedError(
+                f"training diverged at {where}: {found}. This step's update was not applied and nothing was saved. "
+                f"Last good checkpoint: {last}. Lower the learning rate, set clip_grad_norm, or check the data; "
+                f"max_nonfinite_steps=N skips up to N such steps (now {self._max_nonfinite_steps})."
+            )
+        log.warning(
+            f"Skipping {where}: {found} (non-finite step {self._nonfinite_steps} of max_nonfinite_steps="
+            f"{self._max_nonfinite_steps}); no update applied."
+        )
+        return False
+
     def train(self) -> None:
-        """The training loop: one optimiser step per ``gradient_accumulation_steps`` batches."""
+        """The training loop: one optimiser step per ``gradient_accumulation_steps`` batches.
+
+        Checkpoints at each epoch end, every ``save_every_n_steps`` optimiser steps, and after SIGTERM/SIGINT (then
+        the loop stops and :attr:`stopped_by_signal` says which signal).
+        """
         if self._compile:
             log.info("torch.compile is enabled: expect a slow first iteration.")
+        handled = (signal.SIGTERM, signal.SIGINT)
+        previous_handlers = {sig: signal.signal(sig, self._handle_signal) for sig in handled}
+        try:
+            self._train_epochs()
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+
+    @property
+    def stopped_by_signal(self) -> Optional[int]:
+        return self._stop_signal
+
+    def _train_epochs(self) -> None:
         self._profiler.start()
         for curr_epoch in range(self.epochs_run, self.total_epochs):
-            pbar = tqdm(total=self._steps_per_epoch, desc=f"epoch {curr_epoch + 1}/{self.total_epochs}")
             self._dataloader.sampler.set_epoch(curr_epoch)
+            first_step = 0
+            if self._dataloader_state is not None:
+                # Mid-epoch resume: the dataloader continues after the last batch the checkpoint had consumed.
+                self._dataloader.load_state_dict(self._dataloader_state)
+                first_step, self._dataloader_state = self._steps_done_in_epoch, None
+            pbar = tqdm(total=self._steps_per_epoch, initial=first_step, desc=f"epoch {curr_epoch + 1}/{self.total_epochs}")
             t0 = time.perf_counter()
-            for step_in_epoch, batches in enumerate(self._micro_batches()):
+            epoch_done = False
+            for step_in_epoch, batches in enumerate(self._micro_batches(), start=first_step):
                 if step_in_epoch >= self._steps_per_epoch:
                     break
                 profiling_memory = (
@@ -537,22 +648,33 @@ class KDRecipeSingleDevice(FTRecipeInterface):
                 if profiling_memory and step_in_epoch == self.profiler_wait_steps + self.profiler_warmup_steps:
                     torch.cuda.memory._record_memory_history()
 
-                metrics = self._accumulate_gradients(batches)
+                totals, weights = self._accumulate_gradients(batches)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     self._trainable_parameters(),
                     max_norm=float(self._clip_grad_norm) if self._clip_grad_norm is not None else math.inf,
                 )
-                self._optimizer.step()
+                # The step's one host sync: every logged value and the finiteness check at once.
+                names = [*totals, "grad_norm"]
+                stacked = torch.stack([v.float() for v in (*totals.values(), grad_norm.detach())])
+                values = dict(zip(names, stacked.tolist()))
+                values.update({f"weight/{c}": w for c, w in weights.items()})
+                if self._check_finite(values, curr_epoch):
+                    self._optimizer.step()
+                    self._weighting.update({c: values[c] for c in kd_scaling.COMPONENTS if c in values})
                 self._optimizer.zero_grad(set_to_none=True)
                 if self._lr_scheduler is not None:
                     self._lr_scheduler.step()
                 self.global_step += 1
+                if values["label_tokens"] == 0:
+                    log.warning(
+                        f"Step {self.global_step}: every label of the step is ignored, so CE and KD are 0 and only IR "
+                        "trains; check the dataset's masking (train_on_input) and max_seq_len truncation."
+                    )
 
                 pbar.update(1)
-                pbar.set_description(f"{curr_epoch + 1}|{self.global_step}|Loss: {metrics['loss']:.4f}")
+                pbar.set_description(f"{curr_epoch + 1}|{self.global_step}|Loss: {values['loss']:.4f}")
                 if self.global_step % self._log_every_n_steps == 0:
-                    elapsed = time.perf_counter() - t0
-                    self._log_step(metrics, grad_norm=float(grad_norm), elapsed=elapsed)
+                    self._log_step(values, elapsed=time.perf_counter() - t0)
                 t0 = time.perf_counter()
 
                 if profiling_memory and step_in_epoch == (
@@ -561,29 +683,48 @@ class KDRecipeSingleDevice(FTRecipeInterface):
                     torch.cuda.memory._record_memory_history(enabled=None)
                 self._profiler.step()
 
+                epoch_done = step_in_epoch + 1 >= self._steps_per_epoch
+                periodic = bool(self._save_every_n_steps) and self.global_step % self._save_every_n_steps == 0
+                if not epoch_done and (periodic or self._stop_signal is not None):
+                    self.save_checkpoint(epoch=curr_epoch, steps_in_epoch=step_in_epoch + 1)
+                if self._stop_signal is not None and not epoch_done:
+                    break
+
             pbar.close()
+            if self._stop_signal is not None and not epoch_done:
+                self._report_stop()
+                break
             self.epochs_run += 1
             self.save_checkpoint(epoch=curr_epoch)
+            if self._stop_signal is not None:
+                self._report_stop()
+                break
         self._profiler.stop()
 
-    def _log_step(self, metrics: Dict[str, float], *, grad_norm: float, elapsed: float) -> None:
-        n_label = max(metrics["label_tokens"], 1.0)
+    def _report_stop(self) -> None:
+        log.warning(
+            f"Stopped by {signal.Signals(self._stop_signal).name} after step {self.global_step}: resumable checkpoint "
+            f"in {self._last_checkpoint}. Resume with the same command plus resume_from_checkpoint=True."
+        )
+
+    def _log_step(self, values: Dict[str, float], *, elapsed: float) -> None:
         log_dict: Dict[str, float] = {
-            "loss": metrics["loss"],
-            "ce_loss": metrics["ce"],
-            "kd_loss": metrics["kd"],
-            "grad_norm": grad_norm,
+            "loss": values["loss"],
+            "ce_loss": values["ce"],
+            "kd_loss": values["kd"],
+            "grad_norm": values["grad_norm"],
             "lr": self._optimizer.param_groups[0]["lr"],
-            "tokens_per_second": metrics["label_tokens"] / max(elapsed, 1e-9),
-            "kd/top1_agreement": metrics["agree"] / n_label,
-            "kd/teacher_entropy": metrics["teacher_entropy"],
+            "tokens_per_second": values["label_tokens"] / max(elapsed, 1e-9),
+            # Already means over the step's counted tokens.
+            "kd/top1_agreement": values["agree"],
+            "kd/teacher_entropy": values["teacher_entropy"],
         }
-        if "ir" in metrics:
-            log_dict["ir_loss"] = metrics["ir"]
-            for key, value in metrics.items():
+        if "ir" in values:
+            log_dict["ir_loss"] = values["ir"]
+            for key, value in values.items():
                 if key.startswith("ir/"):
                     log_dict[f"ir_loss/{key[3:]}"] = value
-        for key, value in metrics.items():
+        for key, value in values.items():
             if key.startswith("weight/"):
                 log_dict[key] = value
         if self._log_peak_memory_stats:
@@ -592,34 +733,48 @@ class KDRecipeSingleDevice(FTRecipeInterface):
 
     # -------------------------------------------------------------- checkpoint
 
-    def save_checkpoint(self, epoch: int) -> None:
-        """Write this epoch's outputs, each folder or file atomically.
+    def save_checkpoint(self, epoch: int, steps_in_epoch: int = 0) -> None:
+        """Write a checkpoint, each folder or file atomically, never with non-finite weights.
+
+        At an epoch end (``steps_in_epoch == 0``):
 
         - ``epoch_{N}/``: the student as a clean Hugging Face model (merged LoRA weights, config, tokenizer files),
           nothing else, so ``lm_eval --model hf`` and transformers load exactly the trained student;
         - ``adapters/epoch_{N}/``: LoRA adapter (PEFT format + torchtune ``.pt``) and its config (LoRA students);
-        - ``projections/epoch_{N}/projections.pt``: the learned student->teacher projections (if ``save_projections``);
-        - ``training_state/recipe_state.pt``: everything ``resume_from_checkpoint`` needs, written last.
-        """
-        model_state = {k: v.cpu() for k, v in self._model.state_dict().items()}
-        if self._is_lora:
-            adapter_state = get_adapter_state_dict(model_state)
-            if not self._save_adapter_weights_only:
-                merged = get_merged_lora_ckpt(dict(model_state), rank=self._lora_rank, alpha=self._lora_alpha)
-                self._export_hf(merged, epoch)
-            self._save_adapter(adapter_state, epoch)
-            trainable = adapter_state
-        else:
-            self._export_hf(model_state, epoch)
-            trainable = model_state
+        - ``projections/epoch_{N}/projections.pt``: the learned student->teacher projections (if ``save_projections``).
 
-        projections = None
-        if self._aligner is not None:
-            projections = {k: v.cpu() for k, v in self._aligner.projections.state_dict().items()}
-            if self._save_projections and projections:
-                _atomic_torch_save(
-                    {"pairs": self._aligner.pairs, "state_dict": projections},
-                    self._output_dir / "projections" / f"epoch_{epoch}" / "projections.pt",
+        Always, written last: ``training_state/step_{S}/recipe_state.pt``, everything ``resume_from_checkpoint``
+        needs (trainable weights, projections, optimiser, loss-scaling statistics, RNG, and mid-epoch the
+        dataloader position); only the newest ``keep_last_n`` are kept.
+
+        Raises:
+            kd_checkpoint.CheckpointError: a weight is NaN/inf (nothing is written).
+        """
+        kd_checkpoint.clean_leftovers(
+            self._output_dir, self._output_dir / "adapters", self._output_dir / kd_checkpoint.TRAINING_STATE_DIR
+        )
+        kd_checkpoint.clean_incomplete_states(self._output_dir)
+        # Copies: the LoRA merge below works in place and must never touch the live model.
+        model_state = kd_checkpoint.cpu_copy(self._model.state_dict())
+        trainable = get_adapter_state_dict(model_state) if self._is_lora else model_state
+        projections = (
+            kd_checkpoint.cpu_copy(self._aligner.projections.state_dict()) if self._aligner is not None else None
+        )
+        kd_checkpoint.require_finite(trainable, "the student's weights")
+        kd_checkpoint.require_finite(projections or {}, "the projections")
+
+        end_of_epoch = steps_in_epoch == 0
+        if end_of_epoch:
+            if self._is_lora:
+                if not self._save_adapter_weights_only:
+                    merged = get_merged_lora_ckpt(model_state, rank=self._lora_rank, alpha=self._lora_alpha)
+                    self._export_hf(merged, epoch)
+                self._save_adapter(trainable, epoch)
+            else:
+                self._export_hf(model_state, epoch)
+            if projections and self._save_projections:
+                kd_checkpoint.save_projections(
+                    self._aligner.pairs, projections, self._output_dir / "projections" / f"epoch_{epoch}" / "projections.pt"
                 )
 
         state = {
@@ -628,91 +783,73 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             training.TOTAL_EPOCHS_KEY: self.total_epochs,
             training.MAX_STEPS_KEY: self.max_steps_per_epoch,
             "global_step": self.global_step,
+            "steps_in_epoch": steps_in_epoch,
+            # The data order of an epoch is fixed by the sampler's seed and the epoch (set_epoch); within an epoch
+            # the dataloader's state says how far it got.
+            "dataloader": None if end_of_epoch else self._dataloader.state_dict(),
             training.OPT_KEY: self._optimizer.state_dict(),
             "trainable": trainable,
             "projections": projections,
+            "layer_pairs": [list(p) for p in self._facts.layer_pairs],
+            "settings": self._settings,
             "loss_scaling": self._weighting.state_dict(),
+            "nonfinite_steps": self._nonfinite_steps,
             "rng": {
                 "cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state(self._device) if self._device.type == "cuda" else None,
             },
-            # The data order of an epoch is fixed by the sampler's seed and the epoch number (set_epoch), and
-            # checkpoints are only taken at epoch ends, so no dataloader position needs saving.
         }
-        _atomic_torch_save(state, self._output_dir / TRAINING_STATE_DIR / TRAINING_STATE_FILE)
-        log.info(f"Saved epoch {epoch} (training state for resume in {self._output_dir / TRAINING_STATE_DIR}).")
+        path = kd_checkpoint.save_training_state(state, self._output_dir, self.global_step, self._keep_last_n)
+        self._last_checkpoint = path.parent
+        what = f"epoch {epoch}" if end_of_epoch else f"step {self.global_step} (epoch {epoch}, mid-epoch)"
+        log.info(f"Saved {what}; training state for resume in {path.parent}.")
 
     def _export_hf(self, state_dict: Dict[str, torch.Tensor], epoch: int) -> None:
-        """Write a Hugging Face model folder via torchtune's checkpointer, staged and then moved into place."""
-        staging = self._output_dir / f".staging_epoch_{epoch}"
-        shutil.rmtree(staging, ignore_errors=True)
-        final_dir = self._output_dir / f"epoch_{epoch}"
-        # The checkpointer writes to <its output dir>/epoch_{N}; pointing it at a staging folder makes the export
-        # atomic: a crash mid-write never leaves a half-written epoch folder that looks complete.
-        original_output_dir = self._checkpointer._output_dir
-        self._checkpointer._output_dir = staging
-        try:
-            self._checkpointer.save_checkpoint({training.MODEL_KEY: state_dict}, epoch=epoch, intermediate_checkpoint=False)
-        finally:
-            self._checkpointer._output_dir = original_output_dir
-        staged = staging / f"epoch_{epoch}"
-        # The checkpointer copies every non-weight file of the source folder; adapter files there would make
-        # transformers (with peft) apply an adapter on top of merged weights, so they never go into an export.
-        for leftover in list(staged.glob("adapter_*")):
-            leftover.unlink()
-        _replace_dir(staged, final_dir)
-        shutil.rmtree(staging, ignore_errors=True)
+        final_dir = kd_checkpoint.export_hf(self._checkpointer, state_dict, self._output_dir, epoch, training.MODEL_KEY)
         log.info(f"Hugging Face model saved to {final_dir}")
 
     def _save_adapter(self, adapter_state: Dict[str, torch.Tensor], epoch: int) -> None:
-        """The LoRA adapter in PEFT format (+ torchtune's ``.pt``) in ``adapters/epoch_{N}/``, never beside merged weights."""
-        from safetensors.torch import save_file
-
-        hf_config = self._checkpointer._config
-        adapter_config = convert_weights.tune_to_peft_adapter_config(
-            adapter_config={
-                "r": self._lora_rank,
-                "lora_alpha": self._lora_alpha,
-                "target_modules": get_lora_module_names(
-                    self._lora_attn_modules, self._apply_lora_to_mlp, self._apply_lora_to_output
-                ),
-                "peft_type": "LORA",
-            },
-            base_model_name_or_path=getattr(self._checkpointer, "repo_id", None),
+        kd_checkpoint.save_peft_adapter(
+            adapter_state,
+            self._output_dir / "adapters" / f"epoch_{epoch}",
+            hf_config=self._checkpointer._config,
+            rank=self._lora_rank,
+            alpha=self._lora_alpha,
+            target_modules=get_lora_module_names(
+                self._lora_attn_modules, self._apply_lora_to_mlp, self._apply_lora_to_output
+            ),
+            base_model=getattr(self._checkpointer, "repo_id", None),
         )
-        peft_weights = convert_weights.tune_to_peft_adapter_weights(
-            dict(adapter_state),
-            num_heads=hf_config["num_attention_heads"],
-            num_kv_heads=hf_config["num_key_value_heads"],
-            dim=hf_config["hidden_size"],
-            head_dim=hf_config.get("head_dim", None),
-        )
-        final_dir = self._output_dir / "adapters" / f"epoch_{epoch}"
-        staged = final_dir.with_name(f".{final_dir.name}.staging")
-        shutil.rmtree(staged, ignore_errors=True)
-        staged.mkdir(parents=True)
-        torch.save(adapter_state, staged / "adapter_model.pt")
-        save_file({k: v.contiguous() for k, v in peft_weights.items()}, staged / "adapter_model.safetensors", metadata={"format": "pt"})
-        import json
-
-        (staged / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-        _replace_dir(staged, final_dir)
 
     def cleanup(self) -> None:
-        for capture in (self._student_capture, self._teacher_capture):
+        for capture in (getattr(self, "_student_capture", None), getattr(self, "_teacher_capture", None)):
             if capture is not None:
                 capture.remove()
-        self._metric_logger.close()
+        if hasattr(self, "_metric_logger"):
+            self._metric_logger.close()
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    """Entry point: ``tune run recipes/knowledge_distillation_single_device.py --config ... [key=value ...]``."""
-    config.log_config(recipe_name="KDRecipeSingleDevice", cfg=cfg)
-    recipe = KDRecipeSingleDevice(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    recipe.cleanup()
+    """Entry point: ``tune run recipes/knowledge_distillation_single_device.py --config ... [key=value ...]``.
+
+    Problems a user can fix (config, files, an unsafe resume, a diverged run) end the process with a plain message
+    and exit status 1 instead of a traceback; a run stopped by SIGTERM/SIGINT exits with 128 + the signal number
+    after its checkpoint is written.
+    """
+    recipe = None
+    try:
+        recipe = KDRecipeSingleDevice(cfg=cfg)
+        recipe.setup(cfg=cfg)
+        recipe.train()
+    except (kd_config.ConfigError, kd_checkpoint.CheckpointError, TrainingDivergedError) as err:
+        print(f"\nError: {err}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if recipe is not None:
+            recipe.cleanup()
+    if recipe.stopped_by_signal is not None:
+        sys.exit(SIGNAL_EXIT_BASE + recipe.stopped_by_signal)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def stage(number: int, total: int, text: str) -> None:
 def tune_run(config: Path, output_dir: Path, overrides: list[str], env: dict[str, str], label: str) -> Path:
     """Run the recipe in a subprocess with its progress bar on this terminal; return the exported epoch folder."""
     command = [sys.executable, "-m", "torchtune._cli.tune", "run", RECIPE, "--config", str(config),
-               f"output_dir={output_dir}", *overrides]
+               # The folder is this script's own and a rerun redoes the run (the recipe refuses an existing
+               # run's folder otherwise).
+               f"output_dir={output_dir}", "overwrite_output_dir=true", *overrides]
     log_path = output_dir.parent / f"{output_dir.name}.log"
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()

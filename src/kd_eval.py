@@ -9,7 +9,8 @@ versions as strings, rejects 0.4.10+, and builds ``HFLM(pretrained="gpt2")``, wh
   the folder as ``include_path`` replaces the built-in tasks while lm-eval's own prompt building
   (``process_docs``, ``doc_to_text``) and scoring (``process_results``) run unchanged.
 * **Evaluation.** :func:`validate_model_dir` refuses folders lm-eval would load wrongly (adapter or projection
-  files beside merged weights), :func:`run_lm_eval` calls ``lm_eval.simple_evaluate`` on one folder, and
+  files beside merged weights) or score meaninglessly (NaN/inf weights of a diverged run, found by
+  :func:`check_finite_weights`), :func:`run_lm_eval` calls ``lm_eval.simple_evaluate`` on one folder, and
   :func:`build_comparison` turns lm-eval results dicts into rows (value, lm-eval's standard error, delta to a
   baseline) rendered by :func:`comparison_markdown` / :func:`comparison_csv`.
 * **Run logs.** :func:`parse_disk_log` reads torchtune's ``DiskLogger`` files into ``{metric: [(step, value)]}`` and
@@ -176,20 +177,23 @@ def _matches(folder: Path, patterns: Iterable[str]) -> list[str]:
     return sorted({p.name for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
 
 
-def validate_model_dir(path: Union[str, Path], require_tokenizer: bool = True) -> Path:
+def validate_model_dir(path: Union[str, Path], require_tokenizer: bool = True, check_weights: bool = True) -> Path:
     """Check that a folder is a clean Hugging Face model export that lm-eval's ``hf`` model will load as-is.
 
     Args:
         path (str | Path): the model folder (e.g. a torchtune ``epoch_N/`` output).
         require_tokenizer (bool): also require tokenizer files in the folder (turn off when a separate tokenizer
             folder is given to lm-eval).
+        check_weights (bool): also read every ``*.safetensors`` weight and refuse NaN/inf values (see
+            :func:`check_finite_weights`; one pass over the weights, tensor by tensor). Default True.
 
     Returns:
         Path: the resolved folder.
 
     Raises:
-        ValueError: the folder is missing, lacks ``config.json`` / weights / shards / tokenizer files, or holds
-            adapter or projection files beside the merged weights.
+        ValueError: the folder is missing, lacks ``config.json`` / weights / shards / tokenizer files, holds
+            adapter or projection files beside the merged weights, or (``check_weights``) has a safetensors file
+            that cannot be read or holds a non-finite weight.
     """
     folder = Path(path).expanduser().resolve()
     if not folder.is_dir():
@@ -223,7 +227,64 @@ def validate_model_dir(path: Union[str, Path], require_tokenizer: bool = True) -
             f"model folder {str(folder)!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}): copy them in, or pass "
             "the tokenizer folder separately (--tokenizer DIR)."
         )
+    if check_weights:
+        check_finite_weights(folder)
     return folder
+
+
+# Elements checked at a time within one tensor: the bool temporaries stay at 16 MiB even for a 128k x 4096
+# embedding, whose own copy (read by safetensors) is the peak.
+_FINITE_CHECK_BLOCK = 1 << 24
+
+
+def check_finite_weights(path: Union[str, Path]) -> None:
+    """Refuse a model folder whose safetensors weights hold NaN or inf values.
+
+    A run that diverged exports NaN weights that load and score without an error: every answer's log-likelihood is
+    NaN, and lm-eval reports 0.0000 ± 0.0000, which reads like a (bad) result. The files are read with
+    ``safetensors`` (no pickle), one tensor at a time, so memory stays at the largest tensor; reading stops at the
+    first offending tensor. With ``model.safetensors.index.json`` the shards it names are checked, otherwise every
+    ``*.safetensors`` file in the folder. ``pytorch_model*.bin`` files are pickles and are not opened here.
+
+    Args:
+        path (str | Path): the model folder.
+
+    Raises:
+        ValueError: a safetensors file cannot be read (e.g. a git-lfs pointer or a truncated copy), or a
+            floating-point tensor holds a NaN or inf; the message names the folder, the file and the tensor.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path).expanduser().resolve()
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        files = sorted(set(json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+    else:
+        files = _matches(folder, ("*.safetensors",))
+    for file_name in files:
+        try:
+            with safe_open(str(folder / file_name), framework="pt") as handle:
+                for name in handle.keys():
+                    tensor = handle.get_tensor(name)
+                    if not (tensor.is_floating_point() or tensor.is_complex()):
+                        continue
+                    flat = tensor.reshape(-1)
+                    bad = sum(
+                        int(torch.isfinite(block).logical_not_().sum()) for block in flat.split(_FINITE_CHECK_BLOCK)
+                    )
+                    if bad:
+                        raise ValueError(
+                            f"model folder {str(folder)!r}: {file_name} tensor {name!r} has {bad} non-finite "
+                            f"values (NaN/inf) out of {flat.numel()}: the run diverged (or the export is corrupt); "
+                            "evaluate an earlier checkpoint."
+                        )
+                    del tensor, flat
+        except (SafetensorError, OSError) as err:
+            raise ValueError(
+                f"model folder {str(folder)!r}: {file_name} cannot be read as safetensors ({err}): is the copy "
+                "complete (not a git-lfs pointer or a truncated download)?"
+            ) from err
 
 
 def parse_model_specs(specs: Sequence[str]) -> dict[str, Path]:
@@ -309,6 +370,7 @@ def run_lm_eval(
     seed: int = 1234,
     tokenizer: Optional[Union[str, Path]] = None,
     log_samples: bool = False,
+    check_weights: bool = True,
 ) -> dict[str, Any]:
     """Evaluate one Hugging Face model folder with ``lm_eval.simple_evaluate(model="hf", ...)``.
 
@@ -328,6 +390,8 @@ def run_lm_eval(
         seed (int): every lm-eval seed (python, numpy, torch, few-shot sampling).
         tokenizer (str | Path | None): tokenizer folder when the model folder has none.
         log_samples (bool): keep lm-eval's per-document ``samples`` in the returned dict.
+        check_weights (bool): refuse NaN/inf weights first (:func:`check_finite_weights`); False when the folder
+            was just checked (as :func:`evaluate_models` does). Default True.
 
     Returns:
         dict[str, Any]: lm-eval's results dict, JSON-ready (``results``, ``n-samples``, ``n-shot``, ``config`` ...).
@@ -338,7 +402,7 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    folder = validate_model_dir(model_dir, require_tokenizer=tokenizer is None)
+    folder = validate_model_dir(model_dir, require_tokenizer=tokenizer is None, check_weights=check_weights)
     if not tasks:
         raise ValueError("tasks is empty: name at least one lm-eval task.")
     if limit is not None and limit <= 0:
@@ -596,12 +660,13 @@ def evaluate_models(
     baseline: Optional[str] = None,
     data: str = "offline",
     data_dir: Union[str, Path] = OFFLINE_DATA_DIR,
+    check_weights: bool = True,
     **run_kwargs: Any,
 ) -> tuple[dict[str, dict[str, Any]], list[ComparisonRow]]:
     """Evaluate several model folders and write ``<output_dir>/<name>/results.json`` and the comparison files.
 
-    Every folder is validated before the first evaluation starts, so a bad folder fails in seconds, not after
-    hours of scoring the others.
+    Every folder is validated (weights included: no NaN/inf) before the first evaluation starts, so a bad folder
+    fails in seconds, not after hours of scoring the others.
 
     Args:
         models (Mapping[str, str | Path]): name -> model folder, in table order.
@@ -611,6 +676,7 @@ def evaluate_models(
         data (str): ``offline`` (the project's stand-in files; hub access switched off) or ``online`` (the real
             datasets from the hub).
         data_dir (str | Path): the offline data folder.
+        check_weights (bool): refuse folders with NaN/inf weights (:func:`check_finite_weights`). Default True.
         **run_kwargs: passed to :func:`run_lm_eval` (``limit``, ``num_fewshot``, ``batch_size``, ``device``,
             ``dtype``, ``seed``, ``tokenizer``, ``log_samples``). With ``log_samples=True`` lm-eval's per-document
             records go to ``<output_dir>/<name>/samples_<task>.jsonl``.
@@ -627,7 +693,11 @@ def evaluate_models(
         raise ValueError("models is empty: pass at least one NAME=DIR.")
     if baseline is not None and baseline not in models:
         raise ValueError(f"baseline={baseline!r} is not one of the models {list(models)}.")
-    folders = {name: validate_model_dir(path, require_tokenizer=run_kwargs.get("tokenizer") is None) for name, path in models.items()}
+    require_tokenizer = run_kwargs.get("tokenizer") is None
+    folders = {
+        name: validate_model_dir(path, require_tokenizer=require_tokenizer, check_weights=check_weights)
+        for name, path in models.items()
+    }
     output_dir = Path(output_dir)
     include_path = None
     if data == "offline":
@@ -646,7 +716,8 @@ def evaluate_models(
 
     all_results: dict[str, dict[str, Any]] = {}
     for name, folder in folders.items():
-        results = run_lm_eval(folder, tasks, include_path=include_path, **run_kwargs)
+        # Weights were checked above; a second pass over every file would only double the start-up time.
+        results = run_lm_eval(folder, tasks, include_path=include_path, check_weights=False, **run_kwargs)
         results["torchtune_kd"] = {
             "name": name,
             "model_dir": str(folder),

@@ -117,7 +117,9 @@ def run_cell(
 ) -> Path:
     """Run the recipe for one cell (``tune run`` in a subprocess); returns the exported ``epoch_0`` folder."""
     command = [sys.executable, "-m", "torchtune._cli.tune", "run", RECIPE, "--config", str(config),
-               f"output_dir={out_dir}", *overrides]
+               # The folder is this script's own and a rerun redoes the run (the recipe refuses an existing
+               # run's folder otherwise).
+               f"output_dir={out_dir}", "overwrite_output_dir=true", *overrides]
     with open(log_file or os.devnull, "w") as sink:
         result = subprocess.run(command, cwd=REPO, env={**os.environ, **(env or {})}, stdout=sink, stderr=subprocess.STDOUT)
     if result.returncode != 0:

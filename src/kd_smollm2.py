@@ -297,8 +297,9 @@ class SmolLM2Tokenizer(ModelTokenizer, Transform):
     - ``bos_id`` is ``<|im_start|>`` and ``eos_id`` is ``<|im_end|>`` as in transformers; ``encode`` adds them
       on request, ``tokenize_messages`` never adds extra ones (a chat already starts with ``<|im_start|>`` and
       every turn ends with ``<|im_end|>``).
-    - ``pad_id`` is ``<|endoftext|>``, unlike transformers (``<|im_end|>``): recipes find padding by comparing
-      with ``pad_id``, so it must be a token no formatted sample contains.
+    - ``pad_id`` is ``<|endoftext|>``, unlike transformers (``<|im_end|>``): a token no formatted sample contains,
+      so padding never looks like a real token to code that compares token values (the recipe's own real-token
+      mask comes from the collator, see ``kd_step.collate_with_real_tokens``).
     - Special-token strings inside message text are encoded as plain text, never as control tokens (the
       template, run by transformers, would turn them into control tokens).
 

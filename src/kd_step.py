@@ -7,7 +7,8 @@ backpropagates each micro-batch's mean and then also divides by the step's token
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+import os
+from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -83,3 +84,109 @@ def kd_health_sums(
         row_entropy = -(t_logp.exp() * t_logp.masked_fill(torch.isinf(t_logp), 0.0)).sum(-1)
         entropy += torch.where(keep, row_entropy, torch.zeros_like(row_entropy)).sum()
     return agree, entropy
+
+
+REAL_TOKENS_KEY = "real_tokens"
+
+
+def _sample_mask(length: int, real: int) -> torch.Tensor:
+    mask = torch.zeros(length, dtype=torch.bool)
+    mask[:real] = True
+    return mask
+
+
+def collate_with_real_tokens(
+    batch: Sequence[dict],
+    collate_fn: Callable[[Sequence[dict]], dict],
+    *,
+    packed: bool,
+    padding_idx: int = 0,
+    ignore_index: int = -100,
+) -> dict:
+    """Collate a batch and add ``real_tokens``: ``(bsz, seq_len)`` bool, True where a real (non-padding) token is.
+
+    The mask comes from what the collator knows, never from token values: comparing tokens with a pad id is wrong
+    when the pad id is also a real token (e.g. pad = eos) and for packs, which torchtune pads with id 0.
+
+    - Unpacked samples: each sample's own length before the collator pads the batch to its longest sample.
+    - Packs (``PackedDataset``): a pack's padding is its last ``seq_lens`` segment, appended only when the pack is
+      shorter than ``max_seq_len``; it is recognised as the last segment whose tokens are all ``padding_idx`` and
+      whose labels are all ``ignore_index`` (a real sample starts with its BOS token and so never looks like that).
+
+    Args:
+        batch (Sequence[dict]): samples with ``tokens`` and ``labels`` (and ``seq_lens`` when packed).
+        collate_fn (Callable): torchtune's collator (``padded_collate_sft`` or ``padded_collate_packed``).
+        packed (bool): whether the samples are packs.
+        padding_idx (int): token id ``PackedDataset`` pads packs with. Default 0 (torchtune's).
+        ignore_index (int): label value of padding. Default -100.
+
+    Returns:
+        dict: the collator's output plus ``real_tokens``.
+    """
+    collated = collate_fn(batch)
+    seq_len = collated["tokens"].shape[1]
+    masks = []
+    for sample in batch:
+        tokens = torch.as_tensor(sample["tokens"])
+        real = len(tokens)
+        if packed:
+            labels = torch.as_tensor(sample["labels"])
+            last = int(torch.as_tensor(sample["seq_lens"])[-1])
+            tail = slice(real - last, real)
+            if last > 0 and bool((tokens[tail] == padding_idx).all()) and bool((labels[tail] == ignore_index).all()):
+                real -= last
+        masks.append(_sample_mask(seq_len, real))
+    collated[REAL_TOKENS_KEY] = torch.stack(masks)
+    return collated
+
+
+def label_token_count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Number of counted next-token targets of a micro-batch, as a device tensor (no host sync).
+
+    Args:
+        labels (torch.Tensor): unshifted labels ``(bsz, seq_len)``.
+        ignore_index (int): label value that does not count.
+    """
+    return (labels[:, 1:] != ignore_index).sum()
+
+
+class LazyFloats(Mapping[str, float]):
+    """A read-only mapping of 0-d tensors that turns a value into a Python float (a host sync) only when read.
+
+    Lets a consumer that usually needs only the keys (e.g. fixed loss weights) take it without forcing a sync.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = dict(tensors)
+
+    def __getitem__(self, key: str) -> float:
+        return float(self._tensors[key])
+
+    def __contains__(self, key: object) -> bool:
+        # Mapping's default would read the value.
+        return key in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def compile_losses(ce_token_sum: Callable, kd_loss: torch.nn.Module) -> tuple[Callable, Callable]:
+    """``torch.compile`` the loss computations that run in the training step (as torchtune compiles its losses).
+
+    The CE token sum is compiled whole. A KD loss exposing ``compile_blocks(backend)`` (every ``kd_losses``
+    divergence) compiles its per-chunk computation itself, the part that dominates at large vocabularies; any other
+    loss has its ``token_sum`` compiled. (Fetching ``.token_sum`` from a ``torch.compile``d module would return the
+    eager method.)
+
+    Returns:
+        tuple[Callable, Callable]: the CE token sum and the KD ``token_sum`` to call in the step.
+    """
+    backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
+    ce = torch.compile(ce_token_sum, backend=backend)
+    if hasattr(kd_loss, "compile_blocks"):
+        kd_loss.compile_blocks(backend)
+        return ce, kd_loss.token_sum
+    return ce, torch.compile(kd_loss.token_sum, backend=backend)

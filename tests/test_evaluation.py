@@ -145,6 +145,102 @@ def test_refuses_incomplete_folders(tiny_assets, tmp_path):
         kd_eval.validate_model_dir(no_tok)
 
 
+NAN_TENSOR = "model.layers.1.mlp.up_proj.weight"
+
+
+def _poison(folder: Path, file_name: str = "model.safetensors", tensor: str = NAN_TENSOR, value: float = math.nan,
+            count: int = 3) -> None:
+    """Overwrite ``count`` entries of one tensor of a safetensors file with ``value`` (what a diverged run exports)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = folder / file_name
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    tensors[tensor].view(-1)[:count] = value
+    save_file(tensors, path, metadata=metadata)
+
+
+def _shard(folder: Path) -> list[str]:
+    """Split the folder's model.safetensors into two shards plus an index, as large exports are written."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    weight_map = {}
+    for shard, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, folder / shard, metadata={"format": "pt"})
+        weight_map.update({n: shard for n in shard_names})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return list(shards)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_refuses_non_finite_weights(tiny_assets, tmp_path, value):
+    folder = _copy_model(tiny_assets["student_dir"], tmp_path / "epoch_0")
+    _poison(folder, value=value, count=3)
+    expected = (
+        f"model folder {str(folder.resolve())!r}: model.safetensors tensor '{NAN_TENSOR}' has 3 non-finite values "
+        r"\(NaN/inf\) out of \d+: the run diverged \(or the export is corrupt\); evaluate an earlier checkpoint."
+    )
+    with pytest.raises(ValueError, match=expected):
+        kd_eval.validate_model_dir(folder)
+    with pytest.raises(ValueError, match=expected):
+        kd_eval.check_finite_weights(folder)
+    with pytest.raises(ValueError, match=expected):  # run_lm_eval checks before lm-eval loads anything
+        kd_eval.run_lm_eval(folder, ["hellaswag"], limit=1)
+    assert kd_eval.validate_model_dir(folder, check_weights=False) == folder.resolve()
+
+
+def test_refuses_non_finite_weights_in_a_sharded_folder(tiny_assets, tmp_path):
+    folder = _copy_model(tiny_assets["student_dir"], tmp_path / "sharded")
+    first, second = _shard(folder)
+    kd_eval.validate_model_dir(folder)  # clean shards: accepted
+    from safetensors import safe_open
+
+    with safe_open(str(folder / second), framework="pt") as handle:
+        tensor = sorted(handle.keys())[-1]
+    _poison(folder, file_name=second, tensor=tensor, count=1)
+    with pytest.raises(ValueError, match=rf"{second} tensor '{tensor}' has 1 non-finite values"):
+        kd_eval.validate_model_dir(folder)
+
+
+def test_refuses_unreadable_safetensors(tiny_assets, tmp_path):
+    folder = _copy_model(tiny_assets["student_dir"], tmp_path / "lfs")
+    # What a clone without git-lfs leaves behind.
+    (folder / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with pytest.raises(ValueError, match=r"model.safetensors cannot be read as safetensors .*git-lfs"):
+        kd_eval.validate_model_dir(folder)
+
+
+def test_script_refuses_non_finite_weights_before_evaluating(tiny_assets, tmp_path, capsys):
+    folder = _copy_model(tiny_assets["student_dir"], tmp_path / "epoch_0")
+    _poison(folder)
+    evaluate = _load_script("evaluate")
+    out = tmp_path / "out"
+    rc = evaluate.main(["--model", f"ok={tiny_assets['student_dir']}", "--model", f"bad={folder}",
+                        "--output-dir", str(out), "--limit", "2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    folder_name = str(folder.resolve())
+    assert f"error: model folder {folder_name!r}: model.safetensors tensor '{NAN_TENSOR}' has 3 non-finite" in err
+    assert not (out / "ok").exists()  # refused before the clean model was scored
+    # As users run it: exit status 2, the one-line message, no traceback.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--model", str(folder), "--output-dir", str(out),
+         "--limit", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"model.safetensors tensor '{NAN_TENSOR}' has 3 non-finite values (NaN/inf)" in proc.stderr
+    assert "evaluate an earlier checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
 def test_online_data_refused_while_hub_access_is_off(tiny_assets, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     evaluate = _load_script("evaluate")

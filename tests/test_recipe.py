@@ -76,7 +76,7 @@ def test_projections_trained_saved_and_not_exported(main_run):
     assert set(projections) == {"0-1", "1-3"}
     for projection in projections.values():
         assert tuple(projection.weight.shape) == (128, 64)  # sized from the models: student 64 -> teacher 128
-    saved = torch.load(out / "projections" / "epoch_0" / "projections.pt", weights_only=False)
+    saved = torch.load(out / "projections" / "epoch_0" / "projections.pt", weights_only=True)
     for name, value in recipe._aligner.projections.state_dict().items():
         torch.testing.assert_close(saved["state_dict"][name], value)
     # the projections moved away from their initialisation
@@ -109,7 +109,7 @@ def test_export_loads_in_transformers_with_the_students_logits(main_run):
 
 def test_unchanged_student_has_untrained_projection_in_state(main_run):
     _, out, _ = main_run
-    state = torch.load(out / "training_state" / "recipe_state.pt", weights_only=False)
+    state = torch.load(out / "training_state" / "step_8" / "recipe_state.pt", weights_only=True)
     assert state["epochs_run"] == 1 and state["global_step"] == 8
     assert set(state["projections"]) == {"0-1.weight", "1-3.weight"}
     assert state["loss_scaling"]["method"] == "manual"
@@ -168,7 +168,8 @@ def step_gradients(assets_root: Path, out: Path, batch_size: int, accumulation: 
             if "lora_b" in n:
                 torch.nn.init.normal_(p, std=0.02)
     batches = next(recipe._micro_batches())
-    metrics = recipe._accumulate_gradients(batches)
+    totals, _ = recipe._accumulate_gradients(batches)
+    metrics = {k: float(v) for k, v in totals.items()}
     grads = {n: p.grad.clone() for n, p in recipe._model.named_parameters() if p.requires_grad}
     grads.update({f"proj.{n}": p.grad.clone() for n, p in recipe._aligner.named_parameters()})
     recipe.cleanup()
@@ -185,23 +186,6 @@ def test_accumulation_weights_every_token_equally(tiny_assets, assets_root, tmp_
     assert one_big.keys() == accumulated.keys()
     for name in one_big:
         torch.testing.assert_close(accumulated[name], one_big[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_resume_continues_the_same_run(tiny_assets, assets_root, tmp_path):
-    common = ["max_steps_per_epoch=3", "lr_scheduler=null", "loss_scaling.method=dynamic"]
-    straight = run_recipe(tiny_config(assets_root, tmp_path / "straight", [*common, "epochs=2"]), RECIPE)
-    run_recipe(tiny_config(assets_root, tmp_path / "split", [*common, "epochs=1"]), RECIPE)
-    resumed = run_recipe(
-        tiny_config(assets_root, tmp_path / "split", [*common, "epochs=2", "resume_from_checkpoint=true"]), RECIPE
-    )
-    assert resumed.global_step == straight.global_step == 6
-    for (name, a), (_, b) in zip(straight._model.state_dict().items(), resumed._model.state_dict().items()):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
-    for (name, a), (_, b) in zip(
-        straight._aligner.state_dict().items(), resumed._aligner.state_dict().items()
-    ):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
-    assert resumed._weighting.running == pytest.approx(straight._weighting.running, rel=1e-6)
 
 
 def test_resume_restores_projections_and_optimizer_bit_exactly(tiny_assets, assets_root, tmp_path):
@@ -226,16 +210,19 @@ def test_resume_restores_projections_and_optimizer_bit_exactly(tiny_assets, asse
 def test_resume_without_state_is_a_clear_error(tiny_assets, assets_root, tmp_path):
     cfg = tiny_config(assets_root, tmp_path, ["resume_from_checkpoint=true"])
     recipe = RECIPE.KDRecipeSingleDevice(cfg=cfg)
-    with pytest.raises(FileNotFoundError, match="resume_from_checkpoint=True but .* does not exist"):
+    with pytest.raises(ValueError, match="resume_from_checkpoint=True but .* holds no training state"):
         recipe.setup(cfg=cfg)
+    recipe.cleanup()
 
 
-def test_bad_config_fails_before_weights_load(tiny_assets, assets_root, tmp_path):
+def test_bad_config_fails_before_weights_load(tiny_assets, assets_root, tmp_path, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the config was rejected")
+
+    monkeypatch.setattr(RECIPE.KDRecipeSingleDevice, "_load_checkpoint", no_weights)
     cfg = tiny_config(assets_root, tmp_path, ["layer_mapping=[[0,9]]", "kd_ration=1"])
-    recipe = RECIPE.KDRecipeSingleDevice(cfg=cfg)
     with pytest.raises(ValueError, match=r"(?s)kd_ration.*teacher layer 9 is out of range"):
-        recipe.setup(cfg=cfg)
-    assert not hasattr(recipe, "_model")
+        RECIPE.KDRecipeSingleDevice(cfg=cfg)
 
 
 def test_tune_run_cli(tiny_assets, assets_root, tmp_path):
@@ -259,6 +246,16 @@ def test_compile_matches_eager(tiny_assets, assets_root, tmp_path):
     compiled = run_recipe(tiny_config(assets_root, tmp_path / "compiled", [*common, "compile=true"]), RECIPE)
     assert compiled._compile
     assert any(getattr(m, "_compiled_call_impl", None) is not None for m in compiled._model.modules())
+    # The losses that run in the step were compiled too (dynamo holds compiled code for their functions), not
+    # only wrapped: CE whole, the KD loss per chunk.
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    import kd_losses
+
+    assert _debug_get_cache_entry_list(kd_losses._Divergence._block_value_and_grad.__code__)
+    logits = torch.randn(2, 8, 1280, requires_grad=True)
+    ce = compiled._ce_token_sum(list(logits.chunk(4, dim=1)), torch.randint(0, 1280, (2, 8)))
+    assert type(ce.grad_fn).__name__ == "CompiledFunctionBackward"
     eager_metrics = kd_metrics.read_disk_log(tmp_path / "eager" / "logs")
     compiled_metrics = kd_metrics.read_disk_log(tmp_path / "compiled" / "logs")
     for key in ("loss", "ce_loss", "kd_loss", "ir_loss", "grad_norm"):

