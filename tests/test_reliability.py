@@ -144,8 +144,10 @@ def test_checkpoint_settings_are_validated(tiny_assets, assets_root, tmp_path, b
         kd_config.validate_config(cfg)
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tiny_assets, assets_root, tmp_path):
-    """A preempted run (SIGTERM) finishes its step, writes a resumable checkpoint, says where and exits 143."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_and_exits_cleanly(tiny_assets, assets_root, tmp_path, signum):
+    """A preempted run (SIGTERM) or Ctrl-C (SIGINT) finishes its step, writes a resumable checkpoint, says where
+    and exits with 128 + the signal number."""
     env = {**os.environ, "KD_ASSETS": str(assets_root), "KD_OUTPUT_DIR": str(tmp_path)}
     process = subprocess.Popen(
         [sys.executable, "-m", "torchtune._cli.tune", "run", "recipes/knowledge_distillation_single_device.py",
@@ -160,13 +162,14 @@ def test_sigterm_checkpoints_and_exits_cleanly(tiny_assets, assets_root, tmp_pat
                 break
             time.sleep(0.5)
         assert process.poll() is None, process.communicate()[0][-3000:]
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         output, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
-    assert "Received SIGTERM" in output and "resume_from_checkpoint=True" in output
+    assert process.returncode == 128 + signum, output[-3000:]
+    assert f"Received {signal.Signals(signum).name}" in output and "resume_from_checkpoint=True" in output
+    assert "Traceback" not in output
     states = kd_checkpoint.list_training_states(tmp_path)
     assert len(states) == 1
     step, path = states[0]
