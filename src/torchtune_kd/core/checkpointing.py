@@ -1,0 +1,531 @@
+"""Checkpoint I/O for the distillation recipes: nothing lost, nothing unsafe, nothing of the user's deleted.
+
+Layout of an output folder (``output_dir``)::
+
+    epoch_{N}/                          the student as a clean Hugging Face model (what lm-eval and transformers load)
+    adapters/epoch_{N}/                 LoRA adapter (PEFT format + torchtune's .pt) for LoRA students
+    projections/epoch_{N}/projections.pt  learned student->teacher projections
+    training_state/step_{S}/recipe_state.pt  everything resume needs, after optimiser step S (mid-epoch or epoch end)
+
+Guarantees:
+
+- every file and folder is written under a temporary name and moved into place (``os.replace``), so a crash leaves
+  the old version or the new one, never half of one; leftovers of an interrupted save (``.epoch_N.old``,
+  ``.staging_*``, ``.*.tmp``) are recognised by name and removed on the next save;
+- the training state is loaded with ``torch.load(weights_only=True)``: a crafted file cannot run code, and a
+  corrupt or foreign file gets an error naming it;
+- a new run refuses an output folder that already holds another run's outputs (unless it resumes, or the user asks
+  to overwrite), and no path this module writes or deletes may contain an input (checkpoint, tokenizer, data);
+- non-finite weights are never written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+
+TRAINING_STATE_DIR = "training_state"
+STATE_FILE = "recipe_state.pt"
+# Written by earlier versions (one state, overwritten at each epoch end); still resumable.
+LEGACY_STATE = Path(TRAINING_STATE_DIR) / STATE_FILE
+STATE_FORMAT = 2
+RUN_OUTPUTS = ("adapters", "projections", TRAINING_STATE_DIR)
+_EPOCH_DIR = re.compile(r"^epoch_\d+$")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Names of this module's own temporaries (see atomic_torch_save, replace_dir, stage_dir).
+_LEFTOVER = re.compile(r"^\.(.+\.(old|tmp)|.+\.staging|staging_.+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or written safely; the message names the file and the fix."""
+
+
+# --------------------------------------------------------------------------------------------- atomic writing
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` to ``path`` so that a crash leaves either the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def stage_dir(final: Path) -> Path:
+    """A fresh, empty staging folder beside ``final`` (its name marks it as this module's temporary)."""
+    staged = final.with_name(f".{final.name}.staging")
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(parents=True)
+    return staged
+
+
+def replace_dir(staged: Path, final: Path) -> None:
+    """Move a fully written folder into place, replacing an older one of the same name.
+
+    Between the two renames the old folder is ``.<name>.old``; if the process dies there, the next save's
+    :func:`clean_leftovers` removes it.
+    """
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        os.replace(staged, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+
+
+def clean_leftovers(*folders: Path) -> list[Path]:
+    """Remove the temporaries an interrupted save left in ``folders`` (only names this module creates).
+
+    Returns:
+        list[Path]: what was removed.
+    """
+    removed = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if _LEFTOVER.match(entry.name):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+def clean_incomplete_states(output_dir: Path) -> list[Path]:
+    """Remove ``training_state/step_*`` folders without a state file: saves that died before their final rename."""
+    root = Path(output_dir) / TRAINING_STATE_DIR
+    removed = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            if _STEP_DIR.match(entry.name) and entry.is_dir() and not (entry / STATE_FILE).is_file():
+                shutil.rmtree(entry)
+                removed.append(entry)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------ output folder guard
+
+
+def _contains(outer: Path, inner: Path) -> bool:
+    outer, inner = outer.resolve(), inner.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def written_paths(output_dir: Path, epochs: int) -> list[Path]:
+    """Every path a run writes into or may replace (and so may delete an older version of)."""
+    output_dir = Path(output_dir)
+    paths = [output_dir / f"epoch_{epoch}" for epoch in range(epochs)]
+    paths += [output_dir / name for name in RUN_OUTPUTS]
+    return paths
+
+
+def previous_run_outputs(output_dir: Path) -> list[Path]:
+    """The outputs of an earlier run in ``output_dir`` (epoch exports, adapters, projections, training state)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in sorted(output_dir.iterdir()):
+        if not path.is_dir():
+            continue
+        if path.name == TRAINING_STATE_DIR:
+            # Only complete states count: a run that died before its first save left nothing to lose.
+            if list_training_states(output_dir) or (output_dir / LEGACY_STATE).is_file():
+                found.append(path)
+        elif _EPOCH_DIR.match(path.name) or (path.name in RUN_OUTPUTS and any(path.iterdir())):
+            found.append(path)
+    return found
+
+
+def check_output_dir(
+    output_dir: Path,
+    *,
+    epochs: int,
+    resume: bool,
+    overwrite: bool,
+    inputs: Mapping[str, Path],
+) -> list[str]:
+    """Problems with writing a run into ``output_dir``, each naming the path and the fix (empty list: fine).
+
+    Args:
+        output_dir (Path): the run's output folder.
+        epochs (int): number of epochs (each writes ``epoch_{N}/``).
+        resume (bool): ``resume_from_checkpoint``: the folder is expected to hold the run.
+        overwrite (bool): ``overwrite_output_dir``: the user asked to replace an earlier run's outputs.
+        inputs (Mapping[str, Path]): config key -> input path (checkpoint folders, tokenizer and data files); none
+            of them may lie where the run writes, with or without ``overwrite``.
+    """
+    output_dir = Path(output_dir)
+    problems = []
+    for key, path in inputs.items():
+        for target in written_paths(output_dir, epochs):
+            if _contains(target, Path(path)):
+                problems.append(
+                    f"{key}={str(path)!r} lies inside {str(target)!r}, which this run writes (and would replace): "
+                    "point output_dir elsewhere or move the input out of it"
+                )
+                break
+    previous = previous_run_outputs(output_dir)
+    if previous and not resume and not overwrite:
+        names = ", ".join(p.name for p in previous)
+        problems.append(
+            f"output_dir={str(output_dir)!r} already holds another run's outputs ({names}): resume it with "
+            "resume_from_checkpoint=True, choose a new output_dir, or set overwrite_output_dir=True to replace them"
+        )
+    return problems
+
+
+def remove_previous_run(output_dir: Path) -> list[Path]:
+    """Delete an earlier run's outputs (``overwrite_output_dir=True``); other files in the folder are kept."""
+    removed = previous_run_outputs(output_dir)
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------- training state
+
+
+def state_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / TRAINING_STATE_DIR / f"step_{step}"
+
+
+def list_training_states(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete training states in ``output_dir``, oldest first, as ``(global_step, file)``."""
+    root = Path(output_dir) / TRAINING_STATE_DIR
+    states = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            match = _STEP_DIR.match(entry.name)
+            # The file is written atomically, so its presence means the state is complete.
+            if match and (entry / STATE_FILE).is_file():
+                states.append((int(match.group(1)), entry / STATE_FILE))
+    return sorted(states)
+
+
+def latest_training_state(output_dir: Path) -> Optional[Path]:
+    states = list_training_states(output_dir)
+    if states:
+        return states[-1][1]
+    legacy = Path(output_dir) / LEGACY_STATE
+    return legacy if legacy.is_file() else None
+
+
+def save_training_state(state: Mapping[str, Any], output_dir: Path, step: int, keep_last_n: int) -> Path:
+    """Write the state of optimiser step ``step`` atomically, then drop all but the newest ``keep_last_n`` states.
+
+    The new state is complete before any older one is removed, so a crash at any point leaves a resumable folder.
+    """
+    path = state_dir(output_dir, step) / STATE_FILE
+    atomic_torch_save({**state, "format": STATE_FORMAT}, path)
+    prune_training_states(output_dir, keep_last_n)
+    return path
+
+
+def prune_training_states(output_dir: Path, keep_last_n: int) -> list[Path]:
+    """Remove the oldest complete training states beyond ``keep_last_n`` (and a legacy single state)."""
+    states = list_training_states(output_dir)
+    removed = []
+    for _, path in states[: max(len(states) - keep_last_n, 0)]:
+        shutil.rmtree(path.parent)
+        removed.append(path.parent)
+    legacy = Path(output_dir) / LEGACY_STATE
+    if states and legacy.is_file():
+        legacy.unlink()
+        removed.append(legacy)
+    return removed
+
+
+def load_training_state(path: Path, required_keys: Iterable[str] = ()) -> dict[str, Any]:
+    """Load a training state without unpickling code (``weights_only=True``).
+
+    Raises:
+        CheckpointError: the file is corrupt, holds objects other than tensors and plain containers (possibly
+            crafted), or misses keys the recipe needs; the message names the file.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle refusals, truncation and zip errors all land here
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"cannot load the training state {str(path)!r} safely ({type(err).__name__}: {reason}). It is corrupt, "
+            "not written by this recipe, or holds objects other than tensors and plain containers (never loaded, "
+            "as they could run code). Delete this step_* folder to resume from an older one, or start a new run."
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path)!r} is not a training state written by this recipe (a {type(state).__name__})")
+    missing = [key for key in required_keys if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{str(path)!r} is not a training state written by this recipe: missing {missing}. Start a new run or "
+            "point output_dir at the run to resume."
+        )
+    return state
+
+
+# ------------------------------------------------------------------------------------------------- weights
+
+
+def cpu_copy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached CPU copies: never views of the live model (on CPU ``t.cpu()`` is ``t`` itself, and torchtune's
+    ``get_merged_lora_ckpt`` adds adapters into the base weights in place)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+def non_finite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """``(name, count)`` of the floating-point tensors holding NaN or inf."""
+    bad = []
+    for name, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            count = int((~torch.isfinite(value)).sum())
+            if count:
+                bad.append((name, count))
+    return bad
+
+
+def require_finite(state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    bad = non_finite_tensors(state_dict)
+    if bad:
+        listed = ", ".join(f"{name} ({count})" for name, count in bad[:5])
+        raise CheckpointError(
+            f"refusing to save {what}: {len(bad)} tensor(s) hold NaN/inf values, e.g. {listed}. The run diverged; "
+            "resume from the last good checkpoint with a lower learning rate."
+        )
+
+
+def export_hf(
+    checkpointer: Any,
+    state_dict: Mapping[str, torch.Tensor],
+    output_dir: Path,
+    epoch: int,
+    model_key: str = "model",
+) -> Path:
+    """Write ``output_dir/epoch_{N}`` as a clean Hugging Face model folder through torchtune's checkpointer.
+
+    The checkpointer writes ``<its output dir>/epoch_{N}``: pointing it at a staging folder makes the export
+    atomic. It also copies every non-weight file of the source folder; adapter files there would make transformers
+    (with peft) apply an adapter on top of merged weights, so they never go into an export.
+    """
+    final_dir = Path(output_dir) / f"epoch_{epoch}"
+    staging = stage_dir(final_dir)
+    original_output_dir = checkpointer._output_dir
+    checkpointer._output_dir = staging
+    try:
+        checkpointer.save_checkpoint({model_key: dict(state_dict)}, epoch=epoch, intermediate_checkpoint=False)
+    finally:
+        checkpointer._output_dir = original_output_dir
+    staged = staging / f"epoch_{epoch}"
+    for leftover in list(staged.glob("adapter_*")):
+        leftover.unlink()
+    replace_dir(staged, final_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    return final_dir
+
+
+def save_peft_adapter(
+    adapter_state: Mapping[str, torch.Tensor],
+    final_dir: Path,
+    *,
+    hf_config: Mapping[str, Any],
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    base_model: Optional[str],
+) -> Path:
+    """The LoRA adapter in PEFT format (+ torchtune's ``.pt``) in its own folder, never beside merged weights."""
+    from safetensors.torch import save_file
+    from torchtune.models import convert_weights
+
+    adapter_config = convert_weights.tune_to_peft_adapter_config(
+        adapter_config={"r": rank, "lora_alpha": alpha, "target_modules": target_modules, "peft_type": "LORA"},
+        base_model_name_or_path=base_model,
+    )
+    peft_weights = convert_weights.tune_to_peft_adapter_weights(
+        dict(adapter_state),
+        num_heads=hf_config["num_attention_heads"],
+        num_kv_heads=hf_config["num_key_value_heads"],
+        dim=hf_config["hidden_size"],
+        head_dim=hf_config.get("head_dim", None),
+    )
+    staged = stage_dir(Path(final_dir))
+    torch.save(dict(adapter_state), staged / "adapter_model.pt")
+    save_file({k: v.contiguous() for k, v in peft_weights.items()}, staged / "adapter_model.safetensors", metadata={"format": "pt"})
+    (staged / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    replace_dir(staged, Path(final_dir))
+    return Path(final_dir)
+
+
+def save_projections(pairs: list, state_dict: Mapping[str, torch.Tensor], final_file: Path) -> Path:
+    atomic_torch_save({"pairs": [list(p) for p in pairs], "state_dict": dict(state_dict)}, final_file)
+    return final_file
+
+
+def describe_change(name: str, saved: Any, current: Any, *, used: str) -> Optional[str]:
+    """A warning line when a setting differs between the checkpoint and the config (``None`` when equal)."""
+    if saved == current:
+        return None
+    return f"{name} changed since the checkpoint ({saved!r} -> {current!r}): {used}"
+
+
+
+def config_input_paths(cfg: Mapping[str, Any]) -> dict[str, Path]:
+    """Config key -> every local input path a distillation config reads (checkpoints, tokenizer, data files)."""
+    paths: dict[str, Path] = {}
+    for key in ("checkpointer", "teacher_checkpointer"):
+        section = cfg.get(key)
+        if isinstance(section, Mapping) and section.get("checkpoint_dir"):
+            paths[f"{key}.checkpoint_dir"] = Path(str(section["checkpoint_dir"]))
+    tokenizer = cfg.get("tokenizer")
+    if isinstance(tokenizer, Mapping):
+        for name in ("path", "special_tokens_path", "merges_file"):
+            if tokenizer.get(name):
+                paths[f"tokenizer.{name}"] = Path(str(tokenizer[name]))
+    datasets = cfg.get("dataset")
+    sections = list(datasets) if isinstance(datasets, (list, tuple)) or type(datasets).__name__ == "ListConfig" else [datasets]
+    for index, section in enumerate(sections):
+        if not isinstance(section, Mapping) or section.get("data_files") is None:
+            continue
+        files = section["data_files"]
+        values = list(files.values()) if isinstance(files, Mapping) else list(files) if not isinstance(files, str) else [files]
+        where = "dataset" if len(sections) == 1 else f"dataset[{index}]"
+        for number, value in enumerate(values):
+            if "://" not in str(value):
+                paths[f"{where}.data_files" + (f"[{number}]" if len(values) > 1 else "")] = Path(str(value))
+    return paths
+
+
+# ------------------------------------------------------------------------------------------- recipe-level saves
+
+
+@dataclass
+class LoraSpec:
+    """What exporting a LoRA student needs: its rank/alpha (to merge) and where the adapters sit (PEFT config)."""
+
+    rank: int
+    alpha: float
+    attn_modules: list[str]
+    apply_to_mlp: bool
+    apply_to_output: bool
+
+
+def save_student(
+    checkpointer: Any,
+    model_state: Mapping[str, torch.Tensor],
+    output_dir: Path,
+    epoch: int,
+    *,
+    lora: Optional[LoraSpec],
+    adapter_weights_only: bool = False,
+) -> None:
+    """The epoch's student exports: ``epoch_{N}/`` (merged when LoRA) and, for LoRA, ``adapters/epoch_{N}/``.
+
+    ``model_state`` must be a copy (:func:`cpu_copy`): merging adds the adapters into its base weights in place.
+    """
+    from torchtune import training
+    from torchtune.modules.peft import get_adapter_state_dict, get_lora_module_names, get_merged_lora_ckpt
+
+    if lora is None:
+        export_hf(checkpointer, model_state, output_dir, epoch, training.MODEL_KEY)
+        return
+    adapter_state = get_adapter_state_dict(dict(model_state))
+    if not adapter_weights_only:
+        merged = get_merged_lora_ckpt(dict(model_state), rank=lora.rank, alpha=lora.alpha)
+        export_hf(checkpointer, merged, output_dir, epoch, training.MODEL_KEY)
+    save_peft_adapter(
+        adapter_state,
+        Path(output_dir) / "adapters" / f"epoch_{epoch}",
+        hf_config=checkpointer._config,
+        rank=lora.rank,
+        alpha=lora.alpha,
+        target_modules=get_lora_module_names(lora.attn_modules, lora.apply_to_mlp, lora.apply_to_output),
+        base_model=getattr(checkpointer, "repo_id", None),
+    )
+
+
+def load_latest_training_state(output_dir: Path) -> tuple[dict[str, Any], Path]:
+    """The newest complete training state of ``output_dir`` and its file, loaded without unpickling code.
+
+    Raises:
+        ConfigError: there is no training state to resume.
+        CheckpointError: the state cannot be loaded safely.
+    """
+    from torchtune_kd.core.preflight import ConfigError
+
+    path = latest_training_state(output_dir)
+    if path is None:
+        raise ConfigError(
+            [
+                f"resume_from_checkpoint=True but {str(Path(output_dir) / TRAINING_STATE_DIR)!r} holds no training "
+                "state: run without resuming first, or point output_dir at the run to resume"
+            ]
+        )
+    state = load_training_state(path, required_keys=("seed", "epochs_run", "global_step", "optimizer", "trainable"))
+    return state, path
+
+
+# Settings recorded in a training state and compared on resume.
+RESUME_SETTINGS = ("optimizer", "batch_size", "gradient_accumulation_steps", "kd_loss", "loss_scaling")
+
+
+def resume_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of ``cfg`` a resume compares with the checkpoint's (plain containers)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if isinstance(cfg.get(key), (DictConfig, ListConfig)) else cfg.get(key)
+        for key in RESUME_SETTINGS
+    }
+
+
+def check_resumed_settings(
+    cfg: Mapping[str, Any], state: Mapping[str, Any], layer_pairs: list, output_dir: Path
+) -> list[str]:
+    """Refuse a changed layer mapping; return a warning for every other setting that differs from the checkpoint's.
+
+    Raises:
+        ConfigError: ``layer_mapping`` resolves to other pairs than the checkpoint's (its projections and optimiser
+            state belong to those).
+    """
+    from torchtune_kd.core.preflight import ConfigError
+
+    saved_pairs = state.get("layer_pairs")
+    pairs = [list(p) for p in layer_pairs]
+    if saved_pairs is not None and [list(p) for p in saved_pairs] != pairs:
+        raise ConfigError(
+            [
+                f"layer_mapping resolves to {pairs} but the checkpoint in {str(output_dir)!r} was trained with "
+                f"{saved_pairs}: its projections and optimiser state belong to those pairs. Resume with the "
+                "checkpoint's layer_mapping, or start a new run (new output_dir)."
+            ]
+        )
+    saved, current = state.get("settings") or {}, resume_settings(cfg)
+    uses = {
+        "optimizer": "the checkpoint's optimiser state is restored, including its learning rate, betas and weight "
+        "decay (PyTorch restores param-group settings); start a new run to change them",
+    }
+    warnings = []
+    for key in RESUME_SETTINGS:
+        if key in saved:
+            message = describe_change(key, saved[key], current[key], used=uses.get(key, "the config's value is used from here on"))
+            if message:
+                warnings.append(message)
+    return warnings

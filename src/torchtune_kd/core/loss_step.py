@@ -1,0 +1,300 @@
+"""Per-micro-batch pieces of a distillation step, shared by single-device and (future) distributed recipes.
+
+Everything here returns *token sums* (fp32 scalars) plus counts; the recipe divides once by the token count of the
+whole optimiser step, so gradient accumulation weights every token equally (torchtune 0.6.1's KD recipe instead
+backpropagates each micro-batch's mean and then also divides by the step's token count).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from torchtune_kd.core.loss_weighting import COMPONENTS
+
+Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Align labels with logits for next-token prediction.
+
+    Equivalent to comparing ``logits[:, :-1]`` with ``labels[:, 1:]``, but keeps the sequence length so chunked
+    logits need no slicing (as torchtune's recipes do).
+
+    Args:
+        labels (torch.Tensor): ``(bsz, seq_len)`` target ids, ``ignore_index`` where no loss is taken.
+        ignore_index (int): label value that does not count.
+
+    Returns:
+        torch.Tensor: ``(bsz, seq_len)`` labels shifted left by one, last column ``ignore_index``.
+    """
+    pad = labels.new_full((labels.shape[0], 1), ignore_index)
+    return torch.cat((labels[:, 1:], pad), dim=1)
+
+
+def _as_chunks(logits: Logits, labels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pair each logit chunk ``(bsz, chunk_len, vocab)`` with its labels, flattened to 2-D / 1-D."""
+    if isinstance(logits, torch.Tensor):
+        return [(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))]
+    label_chunks = labels.chunk(len(logits), dim=1)
+    return [(lg.reshape(-1, lg.size(-1)), lb.reshape(-1)) for lg, lb in zip(logits, label_chunks)]
+
+
+def ce_token_sum(logits: Logits, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Summed next-token cross-entropy over counted tokens, upcasting one chunk at a time.
+
+    Args:
+        logits (Logits): ``(bsz, seq_len, vocab)`` or a list of ``(bsz, seq_len / n, vocab)`` chunks.
+        labels (torch.Tensor): shifted labels ``(bsz, seq_len)``.
+        ignore_index (int): label value that does not count.
+
+    Returns:
+        torch.Tensor: fp32 scalar sum.
+    """
+    total = torch.zeros((), dtype=torch.float32, device=labels.device)
+    for chunk, chunk_labels in _as_chunks(logits, labels):
+        total = total + F.cross_entropy(chunk.float(), chunk_labels, ignore_index=ignore_index, reduction="sum")
+    return total
+
+
+@torch.no_grad()
+def kd_health_sums(
+    student_logits: Logits, teacher_logits: Logits, labels: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagnostics on counted tokens: top-1 agreement count and summed teacher entropy (nats, T = 1).
+
+    The teacher entropy also links our KL to torchtune 0.6.1's ``ForwardKLLoss``, which reports the soft
+    cross-entropy H(p_t, p_s) = KL(p_t || p_s) + H(p_t).
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: ``(agreements, entropy_sum)`` as fp32 scalars.
+    """
+    agree = torch.zeros((), dtype=torch.float32, device=labels.device)
+    entropy = torch.zeros((), dtype=torch.float32, device=labels.device)
+    student_chunks = _as_chunks(student_logits, labels)
+    teacher_chunks = _as_chunks(teacher_logits, labels)
+    for (s_chunk, chunk_labels), (t_chunk, _) in zip(student_chunks, teacher_chunks):
+        # Masking instead of boolean indexing or an `if keep.any()` shortcut: both would force a device sync per
+        # chunk inside the training step.
+        keep = chunk_labels != ignore_index
+        agree += ((s_chunk.argmax(-1) == t_chunk.argmax(-1)) & keep).sum()
+        t_logp = torch.log_softmax(t_chunk.float(), dim=-1)
+        # 0 * log 0 = 0 for masked (-inf) vocabulary entries.
+        row_entropy = -(t_logp.exp() * t_logp.masked_fill(torch.isinf(t_logp), 0.0)).sum(-1)
+        entropy += torch.where(keep, row_entropy, torch.zeros_like(row_entropy)).sum()
+    return agree, entropy
+
+
+REAL_TOKENS_KEY = "real_tokens"
+
+
+def _sample_mask(length: int, real: int) -> torch.Tensor:
+    mask = torch.zeros(length, dtype=torch.bool)
+    mask[:real] = True
+    return mask
+
+
+def collate_with_real_tokens(
+    batch: Sequence[dict],
+    collate_fn: Callable[[Sequence[dict]], dict],
+    *,
+    packed: bool,
+    padding_idx: int = 0,
+    ignore_index: int = -100,
+) -> dict:
+    """Collate a batch and add ``real_tokens``: ``(bsz, seq_len)`` bool, True where a real (non-padding) token is.
+
+    The mask comes from what the collator knows, never from token values: comparing tokens with a pad id is wrong
+    when the pad id is also a real token (e.g. pad = eos) and for packs, which torchtune pads with id 0.
+
+    - Unpacked samples: each sample's own length before the collator pads the batch to its longest sample.
+    - Packs (``PackedDataset``): a pack's padding is its last ``seq_lens`` segment, appended only when the pack is
+      shorter than ``max_seq_len``; it is recognised as the last segment whose tokens are all ``padding_idx`` and
+      whose labels are all ``ignore_index`` (a real sample starts with its BOS token and so never looks like that).
+
+    Args:
+        batch (Sequence[dict]): samples with ``tokens`` and ``labels`` (and ``seq_lens`` when packed).
+        collate_fn (Callable): torchtune's collator (``padded_collate_sft`` or ``padded_collate_packed``).
+        packed (bool): whether the samples are packs.
+        padding_idx (int): token id ``PackedDataset`` pads packs with. Default 0 (torchtune's).
+        ignore_index (int): label value of padding. Default -100.
+
+    Returns:
+        dict: the collator's output plus ``real_tokens``.
+    """
+    collated = collate_fn(batch)
+    seq_len = collated["tokens"].shape[1]
+    masks = []
+    for sample in batch:
+        tokens = torch.as_tensor(sample["tokens"])
+        real = len(tokens)
+        if packed:
+            labels = torch.as_tensor(sample["labels"])
+            last = int(torch.as_tensor(sample["seq_lens"])[-1])
+            tail = slice(real - last, real)
+            if last > 0 and bool((tokens[tail] == padding_idx).all()) and bool((labels[tail] == ignore_index).all()):
+                real -= last
+        masks.append(_sample_mask(seq_len, real))
+    collated[REAL_TOKENS_KEY] = torch.stack(masks)
+    return collated
+
+
+def label_token_count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Number of counted next-token targets of a micro-batch, as a device tensor (no host sync).
+
+    Args:
+        labels (torch.Tensor): unshifted labels ``(bsz, seq_len)``.
+        ignore_index (int): label value that does not count.
+    """
+    return (labels[:, 1:] != ignore_index).sum()
+
+
+class LazyFloats(Mapping[str, float]):
+    """A read-only mapping of 0-d tensors that turns a value into a Python float (a host sync) only when read.
+
+    Lets a consumer that usually needs only the keys (e.g. fixed loss weights) take it without forcing a sync.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._tensors = dict(tensors)
+
+    def __getitem__(self, key: str) -> float:
+        return float(self._tensors[key])
+
+    def __contains__(self, key: object) -> bool:
+        # Mapping's default would read the value.
+        return key in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
+def compile_losses(ce_token_sum: Callable, kd_loss: torch.nn.Module) -> tuple[Callable, Callable]:
+    """``torch.compile`` the loss computations that run in the training step (as torchtune compiles its losses).
+
+    The CE token sum is compiled whole. A KD loss exposing ``compile_blocks(backend)`` (every ``kd_losses``
+    divergence) compiles its per-chunk computation itself, the part that dominates at large vocabularies; any other
+    loss has its ``token_sum`` compiled. (Fetching ``.token_sum`` from a ``torch.compile``d module would return the
+    eager method.)
+
+    Returns:
+        tuple[Callable, Callable]: the CE token sum and the KD ``token_sum`` to call in the step.
+    """
+    backend = os.environ.get("TORCH_COMPILE_BACKEND", "inductor")
+    ce = torch.compile(ce_token_sum, backend=backend)
+    if hasattr(kd_loss, "compile_blocks"):
+        kd_loss.compile_blocks(backend)
+        return ce, kd_loss.token_sum
+    return ce, torch.compile(kd_loss.token_sum, backend=backend)
+
+
+def accumulate_gradients(
+    batches: Sequence[dict],
+    loss_step: Callable[[dict], dict],
+    weighting: Any,
+    ignore_index: int,
+) -> tuple[dict, dict]:
+    """Forward and backward every micro-batch of one optimiser step, without a host sync.
+
+    Token counts of the whole step are known (as device tensors) before the first backward, so each micro-batch
+    contributes ``sum / total_tokens`` and the accumulated gradient is that of the step's token mean, whatever the
+    split into micro-batches. The only sync is the very first step of dynamic scaling, which seeds its running
+    magnitudes from the first micro-batch.
+
+    Args:
+        batches (Sequence[dict]): the step's micro-batches (``tokens``, ``labels``, ``real_tokens``, ...).
+        loss_step (Callable[[dict], dict]): a micro-batch -> token sums ``ce``, ``kd``, optional ``ir`` and
+            ``ir/<pair>`` (over real tokens), and diagnostics ``agree``, ``teacher_entropy`` (over label tokens).
+        weighting (Any): a ``loss_weighting.LossWeighting`` (``weights(values)`` -> weight per component).
+        ignore_index (int): label value that does not count.
+
+    Returns:
+        tuple[dict, dict]: the step's means (``loss`` and each sum's key) and ``label_tokens`` as detached 0-d
+        tensors, and the weight of each component.
+    """
+    n_label = torch.stack([label_token_count(b["labels"], ignore_index) for b in batches]).sum()
+    n_real = torch.stack([b[REAL_TOKENS_KEY].sum() for b in batches]).sum()
+    label_divisor, real_divisor = n_label.clamp(min=1), n_real.clamp(min=1)
+    totals: dict[str, torch.Tensor] = {}
+    weights: Optional[dict[str, float]] = None
+    for batch in batches:
+        sums = loss_step(batch)
+        means = {k: v / (real_divisor if k == "ir" or k.startswith("ir/") else label_divisor) for k, v in sums.items()}
+        if weights is None:
+            # Values are read (a sync) only to seed dynamic scaling on the very first step, scaled to a step mean.
+            weights = weighting.weights(LazyFloats({c: means[c].detach() * len(batches) for c in COMPONENTS if c in means}))
+        objective = sum(weights[c] * means[c] for c in weights if c in means)
+        if objective.requires_grad:
+            objective.backward()
+        for key, value in (*means.items(), ("loss", objective)):
+            totals[key] = totals[key] + value.detach() if key in totals else value.detach()
+    totals["label_tokens"] = n_label
+    return totals, weights or {}
+
+
+def read_step_values(totals: Mapping[str, torch.Tensor], grad_norm: torch.Tensor, weights: Mapping[str, float]) -> dict:
+    """The step's one host sync: every value to log and to check, as Python floats."""
+    names = [*totals, "grad_norm"]
+    stacked = torch.stack([v.float() for v in (*totals.values(), grad_norm.detach())])
+    values = dict(zip(names, stacked.tolist()))
+    values.update({f"weight/{c}": w for c, w in weights.items()})
+    return values
+
+
+def log_dict(values: Mapping[str, float], *, lr: float, elapsed: float) -> dict[str, float]:
+    """The metrics of one optimiser step under the names the project logs (stdout, disk, W&B)."""
+    logged = {
+        "loss": values["loss"],
+        "ce_loss": values["ce"],
+        "kd_loss": values["kd"],
+        "grad_norm": values["grad_norm"],
+        "lr": lr,
+        "tokens_per_second": values["label_tokens"] / max(elapsed, 1e-9),
+        # Already means over the step's counted tokens.
+        "kd/top1_agreement": values["agree"],
+        "kd/teacher_entropy": values["teacher_entropy"],
+    }
+    if "ir" in values:
+        logged["ir_loss"] = values["ir"]
+    for key, value in values.items():
+        if key.startswith("ir/"):
+            logged[f"ir_loss/{key[3:]}"] = value
+        elif key.startswith("weight/"):
+            logged[key] = value
+    return logged
+
+
+@dataclass
+class StepLosses:
+    """The loss functions a step calls: CE and KD token sums (compiled when asked), and what they share."""
+
+    ce_token_sum: Callable
+    kd_token_sum: Callable
+    kd_loss: torch.nn.Module
+    ignore_index: int
+    num_output_chunks: int
+
+
+def build_losses(cfg_loss: Any, cfg_kd_loss: Any, models: Sequence[torch.nn.Module], *, compile: bool) -> StepLosses:
+    """Instantiate ``loss`` (CE: read for ``ignore_index`` and ``num_output_chunks``) and ``kd_loss``, make the
+    models emit that many logit chunks, and compile the token sums if asked."""
+    from torchtune import config
+
+    ce_loss, kd_loss = config.instantiate(cfg_loss), config.instantiate(cfg_kd_loss)
+    ignore_index = getattr(ce_loss, "ignore_index", -100)
+    num_chunks = getattr(ce_loss, "num_output_chunks", 0)
+    if num_chunks:
+        for model in models:
+            model.set_num_output_chunks(num_chunks)
+    ce_sum, kd_sum = partial(ce_token_sum, ignore_index=ignore_index), kd_loss.token_sum
+    if compile:
+        ce_sum, kd_sum = compile_losses(ce_sum, kd_loss)
+    return StepLosses(ce_sum, kd_sum, kd_loss, ignore_index, num_chunks)

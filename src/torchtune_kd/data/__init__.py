@@ -1,0 +1,1 @@
+"""Real-text preparation from files that ship with Python and registry packages."""

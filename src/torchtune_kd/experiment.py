@@ -1,0 +1,258 @@
+"""A divergence x IR x seed grid through the real recipe, with honest statistics.
+
+Each cell is one ``tune run <recipe>`` with overrides, evaluated the same way (held-out perplexity and top-1
+agreement with the teacher, :mod:`~torchtune_kd.evaluation.heldout_metrics`). The caller names the recipe file and
+the checkout to run it in (``scripts/experiment.py`` knows its own checkout); this module never guesses either from
+its own location, so it behaves the same installed from a wheel. A CE-only baseline runs for every seed with the
+same steps and data order. The summary reports mean ± standard error over seeds per setting and the *paired*
+difference to the baseline (same seed = same data order), mean ± standard error, marked significant only when a
+paired t-test rejects "no difference" at the 95% level (|Δ| > t(n−1)·se; 4.3 se for 3 seeds). Finished cells are
+skipped, so an interrupted grid resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+from torchtune_kd import tune_cli
+
+# name -> kd_losses class stem (the chunked variant is used when the config's loss is chunked)
+DIVERGENCES = {
+    "forward_kl": "ForwardKL",
+    "reverse_kl": "ReverseKL",
+    "symmetric_kl": "SymmetricKL",
+    "jsd": "JSDistance",
+    "tvd": "TVDistance",
+    "skew_kl": "SkewForwardKL",
+    "skew_reverse_kl": "SkewReverseKL",
+}
+BASELINE = "ce_only"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    divergence: str  # a DIVERGENCES key, or BASELINE
+    ir: str  # "off" or "cosine"
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.divergence}-ir_{self.ir}-seed{self.seed}"
+
+    @property
+    def setting(self) -> str:
+        return BASELINE if self.divergence == BASELINE else f"{self.divergence}+ir_{self.ir}"
+
+
+def grid(divergences: Sequence[str], irs: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
+    """Every (divergence, IR, seed) cell plus one CE-only baseline per seed; validates the names."""
+    unknown = [d for d in divergences if d not in DIVERGENCES]
+    if unknown:
+        raise ValueError(f"unknown divergence(s) {unknown}: choose from {sorted(DIVERGENCES)}")
+    bad_ir = [i for i in irs if i not in ("off", "cosine")]
+    if bad_ir:
+        raise ValueError(f"unknown IR setting(s) {bad_ir}: use 'off' or 'cosine'")
+    cells = [Cell(BASELINE, "off", s) for s in seeds]
+    cells += [Cell(d, i, s) for d in divergences for i in irs for s in seeds]
+    return cells
+
+
+def cell_overrides(
+    cell: Cell, *, chunked: bool, mapping: str, scales: Mapping[str, float], base_kd_keys: Iterable[str] = ()
+) -> list[str]:
+    """The CLI overrides that turn the base config into this cell.
+
+    Args:
+        cell: the cell.
+        chunked: whether the base config's losses are chunked (picks ``...WithChunkedOutputLoss``).
+        mapping: the layer mapping used when IR is on (CLI syntax, e.g. ``[[0,1],[1,3]]`` or ``auto``).
+        scales: ``{ce, kd, ir}`` weights of KD cells.
+        base_kd_keys: keys of the base config's ``kd_loss`` block (arguments a divergence does not take are removed).
+    """
+    out = [f"seed={cell.seed}"]
+    ir_on = cell.ir == "cosine" and cell.divergence != BASELINE
+    if ir_on:
+        out += [f"layer_mapping={mapping}", "model.output_hidden_states=true", "teacher_model.output_hidden_states=true",
+                "ir_loss._component_=kd_losses.CosineIRLoss"]
+    else:
+        out += ["layer_mapping=null", "model.output_hidden_states=false", "teacher_model.output_hidden_states=false"]
+    if cell.divergence == BASELINE:
+        weights = {"ce": 1.0, "kd": 0.0, "ir": 0.0}
+        stem = "ForwardKL"  # computed and logged for comparison, weight 0
+    else:
+        weights = {"ce": scales["ce"], "kd": scales["kd"], "ir": scales["ir"] if ir_on else 0.0}
+        stem = DIVERGENCES[cell.divergence]
+    component = f"kd_losses.{stem}{'WithChunkedOutputLoss' if chunked else 'Loss'}"
+    takes = {"lambda_weight"} if stem in ("SymmetricKL", "JSDistance") else set()
+    takes |= {"alpha"} if stem.startswith("Skew") else set()
+    out += [f"~kd_loss.{key}" for key in sorted(set(base_kd_keys) & {"lambda_weight", "alpha"} - takes)]
+    out += [
+        f"kd_loss._component_={component}",
+        "loss_scaling.enabled=true",
+        "loss_scaling.method=manual",
+        f"loss_scaling.manual_scales.ce={weights['ce']}",
+        f"loss_scaling.manual_scales.kd={weights['kd']}",
+        f"loss_scaling.manual_scales.ir={weights['ir']}",
+    ]
+    return out
+
+
+def run_cell(
+    cell: Cell,
+    *,
+    recipe: Path,
+    workdir: Path,
+    config: Path,
+    out_dir: Path,
+    overrides: Sequence[str],
+    env: Optional[Mapping[str, str]] = None,
+    log_file: Optional[Path] = None,
+) -> Path:
+    """Run the recipe for one cell (``tune run`` in a subprocess); returns the last exported ``epoch_N`` folder.
+
+    Args:
+        cell: the cell (named in the error message).
+        recipe: the recipe file inside ``workdir``, e.g. ``<checkout>/recipes/knowledge_distillation_single_device.py``
+            (absolute, or relative to ``workdir``).
+        workdir: the subprocess's working directory: the checkout holding the ``recipes`` package.
+        config: the base config file.
+        out_dir: the run's ``output_dir`` (an existing run there is overwritten).
+        overrides: ``key=value`` overrides after the config.
+        env: extra environment variables for the subprocess.
+        log_file: where the subprocess's output goes (default: discarded).
+
+    Returns:
+        Path: the run's last ``epoch_N`` export folder.
+
+    Raises:
+        ValueError: ``recipe`` is not a file inside ``workdir``.
+        RuntimeError: the run failed.
+    """
+    workdir = Path(workdir).resolve()
+    recipe_file = (workdir / recipe).resolve()
+    if not recipe_file.is_file() or workdir not in recipe_file.parents:
+        raise ValueError(f"recipe={str(recipe)!r} is not a file inside workdir={str(workdir)!r}.")
+    # torchtune runs a recipe given by path as a module whose dotted name is that path (`recipes/x.py` ->
+    # `recipes.x`), imported from the working directory: the path must be relative to it, never absolute.
+    recipe_arg = recipe_file.relative_to(workdir).as_posix()
+    # The folder is this grid's own and a rerun redoes an unfinished cell (the recipe refuses an existing run's
+    # folder otherwise).
+    overrides = [f"output_dir={out_dir}", "overwrite_output_dir=true", *overrides]
+    with open(log_file or os.devnull, "w") as sink:
+        result = tune_cli.tune_run(recipe_arg, config, overrides, cwd=workdir, env=env, stdout=sink)
+    if result.returncode != 0:
+        raise RuntimeError(f"cell {cell.name} failed (exit {result.returncode}); see {log_file}")
+    exports = sorted(out_dir.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
+    return exports[-1]
+
+
+def t_critical(df: int, confidence: float = 0.95) -> float:
+    """Two-sided critical value of Student's t for ``df`` degrees of freedom (``n - 1`` paired differences).
+
+    With 3 seeds a difference must exceed 4.30 standard errors, not 2: few seeds make the standard error itself
+    uncertain.
+
+    Args:
+        df: degrees of freedom.
+        confidence: two-sided confidence level. Default 0.95.
+
+    Returns:
+        float: ``t`` with ``P(|T| <= t) = confidence``; ``inf`` for ``df < 1`` (no spread can be estimated).
+    """
+    if df < 1:
+        return math.inf
+    # Imported here: scipy.stats takes about a second to import and only summaries need it.
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + confidence / 2, df))
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n)); se is nan for n < 2."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(n) if n > 1 else math.nan
+    return mean, se
+
+
+def summarise(rows: Iterable[Mapping[str, object]], metrics: Sequence[str]) -> list[dict[str, object]]:
+    """Per setting: mean ± se of each metric over seeds, and the paired difference to the CE-only baseline.
+
+    Args:
+        rows: one mapping per finished cell with ``setting``, ``seed`` and the metric values.
+        metrics: metric names to summarise.
+
+    Returns:
+        list of dicts: ``setting``, ``n``, ``<metric>_mean``, ``<metric>_se``, ``<metric>_diff``, ``<metric>_diff_se``,
+        ``<metric>_significant`` (a paired t-test at 95%: |diff| > t(n−1) · se of the paired differences).
+    """
+    rows = list(rows)
+    by_setting: dict[str, dict[int, Mapping[str, object]]] = {}
+    for row in rows:
+        by_setting.setdefault(str(row["setting"]), {})[int(row["seed"])] = row
+    baseline = by_setting.get(BASELINE, {})
+    summary = []
+    for setting in sorted(by_setting, key=lambda s: (s != BASELINE, s)):
+        seeds = by_setting[setting]
+        entry: dict[str, object] = {"setting": setting, "n": len(seeds)}
+        for metric in metrics:
+            values = [float(r[metric]) for r in seeds.values()]
+            entry[f"{metric}_mean"], entry[f"{metric}_se"] = mean_se(values)
+            paired = [float(seeds[s][metric]) - float(baseline[s][metric]) for s in seeds if s in baseline]
+            if setting != BASELINE and paired:
+                diff, diff_se = mean_se(paired)
+                entry[f"{metric}_diff"], entry[f"{metric}_diff_se"] = diff, diff_se
+                entry[f"{metric}_significant"] = bool(
+                    not math.isnan(diff_se) and abs(diff) > t_critical(len(paired) - 1) * diff_se
+                )
+        summary.append(entry)
+    return summary
+
+
+def _fmt(mean: float, se: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}" if not math.isnan(se) else f"{mean:.{digits}f}"
+
+
+def markdown_table(summary: Sequence[Mapping[str, object]], metrics: Sequence[str]) -> str:
+    """Mean ± se per setting, and Δ vs CE-only (paired by seed) with a * where a paired t-test rejects Δ = 0 at 95%."""
+    header = ["setting", "n"] + [m for m in metrics] + [f"Δ {m} vs {BASELINE}" for m in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in summary:
+        cells = [str(entry["setting"]), str(entry["n"])]
+        cells += [_fmt(entry[f"{m}_mean"], entry[f"{m}_se"]) for m in metrics]
+        for m in metrics:
+            if f"{m}_diff" in entry:
+                mark = " *" if entry[f"{m}_significant"] else ""
+                cells.append(_fmt(entry[f"{m}_diff"], entry[f"{m}_diff_se"]) + mark)
+            else:
+                cells.append("–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_rows(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def load_result(cell_dir: Path) -> Optional[dict[str, object]]:
+    path = cell_dir / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,1 @@
+"""Test support, not product code: deterministic stand-in tokenizer, tiny teacher/student and data."""
