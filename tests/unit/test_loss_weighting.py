@@ -85,3 +85,13 @@ def test_dynamic_state_round_trips():
     manual = LossWeighting.from_config({"enabled": True, "manual_scales": {"ce": 1.0}}, kd_ratio=0.5)
     with pytest.raises(ValueError, match="method"):
         manual.load_state_dict(first.state_dict())
+
+
+def test_dynamic_first_step_uses_the_scales_and_reads_no_values():
+    """No statistics yet: the scales as they are (independent of how the step is split); the step's means seed."""
+    weighting = LossWeighting.from_config(
+        {"enabled": True, "method": "dynamic", "manual_scales": {"ce": 0.5, "kd": 0.3, "ir": 0.2}}, kd_ratio=0.5
+    )
+    assert weighting.weights(["ce", "kd", "ir"]) == {"ce": 0.5, "kd": 0.3, "ir": 0.2}
+    weighting.update({"ce": 4.0, "kd": 0.1, "ir": 0.5})
+    assert weighting.weights(["ce", "kd", "ir"]) == pytest.approx({"ce": 0.125, "kd": 3.0, "ir": 0.4})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -154,29 +154,6 @@ def label_token_count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (labels[:, 1:] != ignore_index).sum()
 
 
-class LazyFloats(Mapping[str, float]):
-    """A read-only mapping of 0-d tensors that turns a value into a Python float (a host sync) only when read.
-
-    Lets a consumer that usually needs only the keys (e.g. fixed loss weights) take it without forcing a sync.
-    """
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self._tensors = dict(tensors)
-
-    def __getitem__(self, key: str) -> float:
-        return float(self._tensors[key])
-
-    def __contains__(self, key: object) -> bool:
-        # Mapping's default would read the value.
-        return key in self._tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-
 def compile_losses(ce_token_sum: Callable, kd_loss: torch.nn.Module) -> tuple[Callable, Callable]:
     """``torch.compile`` the loss computations that run in the training step (as torchtune compiles its losses).
 
@@ -201,27 +178,41 @@ def accumulate_gradients(
     loss_step: Callable[[dict], dict],
     weighting: Any,
     ignore_index: int,
+    *,
+    reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    grad_scale: float = 1.0,
 ) -> tuple[dict, dict]:
     """Forward and backward every micro-batch of one optimiser step, without a host sync.
 
     Token counts of the whole step are known (as device tensors) before the first backward, so each micro-batch
     contributes ``sum / total_tokens`` and the accumulated gradient is that of the step's token mean, whatever the
-    split into micro-batches. The only sync is the very first step of dynamic scaling, which seeds its running
-    magnitudes from the first micro-batch.
+    split into micro-batches. With data parallelism, ``reduce_sum`` (a sum over ranks, e.g. an all-reduce) makes the
+    counts and the returned means global, and ``grad_scale`` undoes the averaging of gradients over ranks (FSDP
+    divides by the world size): each rank then contributes ``world_size * sum / global_tokens`` and the averaged
+    gradient is the single-device gradient of the same global batch.
 
     Args:
         batches (Sequence[dict]): the step's micro-batches (``tokens``, ``labels``, ``real_tokens``, ...).
         loss_step (Callable[[dict], dict]): a micro-batch -> token sums ``ce``, ``kd``, optional ``ir`` and
             ``ir/<pair>`` (over real tokens), and diagnostics ``agree``, ``teacher_entropy`` (over label tokens).
-        weighting (Any): a ``loss_weighting.LossWeighting`` (``weights(values)`` -> weight per component).
+        weighting (Any): a ``loss_weighting.LossWeighting`` (``weights(components)`` -> weight per component).
         ignore_index (int): label value that does not count.
+        reduce_sum (Optional[Callable]): sums a tensor over data-parallel ranks (``None``: one process).
+        grad_scale (float): factor on every backward (the world size under gradient-averaging data parallelism).
 
     Returns:
-        tuple[dict, dict]: the step's means (``loss`` and each sum's key) and ``label_tokens`` as detached 0-d
-        tensors, and the weight of each component.
+        tuple[dict, dict]: the step's (global) means (``loss`` and each sum's key) and ``label_tokens`` as detached
+        0-d tensors, and the weight of each component.
     """
-    n_label = torch.stack([label_token_count(b["labels"], ignore_index) for b in batches]).sum()
-    n_real = torch.stack([b[REAL_TOKENS_KEY].sum() for b in batches]).sum()
+    counts = torch.stack(
+        [
+            torch.stack([label_token_count(b["labels"], ignore_index) for b in batches]).sum(),
+            torch.stack([b[REAL_TOKENS_KEY].sum() for b in batches]).sum(),
+        ]
+    )
+    if reduce_sum is not None:
+        counts = reduce_sum(counts)
+    n_label, n_real = counts.unbind()
     label_divisor, real_divisor = n_label.clamp(min=1), n_real.clamp(min=1)
     totals: dict[str, torch.Tensor] = {}
     weights: Optional[dict[str, float]] = None
@@ -229,13 +220,15 @@ def accumulate_gradients(
         sums = loss_step(batch)
         means = {k: v / (real_divisor if k == "ir" or k.startswith("ir/") else label_divisor) for k, v in sums.items()}
         if weights is None:
-            # Values are read (a sync) only to seed dynamic scaling on the very first step, scaled to a step mean.
-            weights = weighting.weights(LazyFloats({c: means[c].detach() * len(batches) for c in COMPONENTS if c in means}))
+            weights = weighting.weights([c for c in COMPONENTS if c in means])
         objective = sum(weights[c] * means[c] for c in weights if c in means)
         if objective.requires_grad:
-            objective.backward()
+            (objective * grad_scale if grad_scale != 1.0 else objective).backward()
         for key, value in (*means.items(), ("loss", objective)):
             totals[key] = totals[key] + value.detach() if key in totals else value.detach()
+    if reduce_sum is not None:
+        # One collective for every logged value: the sum over ranks of their shares of the global means.
+        totals = dict(zip(totals, reduce_sum(torch.stack([v.float() for v in totals.values()])).unbind()))
     totals["label_tokens"] = n_label
     return totals, weights or {}
 

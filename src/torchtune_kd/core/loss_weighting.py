@@ -9,8 +9,9 @@ Three modes, chosen by the ``loss_scaling`` config block:
   magnitude, then weighted by the scales. KL, JSD, TVD and cosine IR live on very different scales; dividing by the
   running magnitude makes each component's contribution ``w_c * L_c / EMA(L_c) ~= w_c``, so the configured shares
   hold. Weights stay fixed within an optimiser step (computed before it, from earlier steps) so that gradient
-  accumulation optimises one well-defined objective; the very first step seeds the averages with the first
-  micro-batch's values.
+  accumulation optimises one well-defined objective. The first step has no statistics yet: it uses the scales as
+  they are, and its exact step means seed the averages. So the weights never depend on how a step is split into
+  micro-batches or across ranks, and computing them needs no value from the device.
 
 The weights are plain floats (no autograd through them).
 """
@@ -18,7 +19,7 @@ The weights are plain floats (no autograd through them).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 COMPONENTS = ("ce", "kd", "ir")
 
@@ -102,23 +103,22 @@ class LossWeighting:
         block = OmegaConf.to_container(scaling, resolve=True) if isinstance(scaling, DictConfig) else scaling
         return cls.from_config(block, cfg.get("kd_ratio", 0.5))
 
-    def weights(self, components: Mapping[str, float]) -> dict[str, float]:
+    def weights(self, components: Iterable[str]) -> dict[str, float]:
         """Effective weights for the next optimiser step.
 
         Args:
-            components (Mapping[str, float]): current values of the present components (only used to seed the
-                running magnitudes on the first call in ``dynamic`` mode).
+            components (Iterable[str]): the components present this step (values are not read).
 
         Returns:
-            dict[str, float]: weight per present component.
+            dict[str, float]: weight per present component; in ``dynamic`` mode a component without statistics yet
+            (the first step) gets its scale as it is.
         """
         present = [c for c in COMPONENTS if c in components]
         if self.method != "dynamic":
             return {c: self.scales[c] for c in present}
-        for c in present:
-            if c not in self.running:
-                self.running[c] = abs(float(components[c]))
-        return {c: self.scales[c] / max(self.running[c], self.eps) for c in present}
+        return {
+            c: self.scales[c] / max(self.running[c], self.eps) if c in self.running else self.scales[c] for c in present
+        }
 
     def update(self, step_values: Mapping[str, float]) -> None:
         """Fold one optimiser step's component means into the running magnitudes (``dynamic`` only)."""
