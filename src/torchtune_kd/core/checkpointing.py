@@ -58,13 +58,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def stage_dir(final: Path) -> Path:
     """A fresh, empty staging folder beside ``final`` (its name marks it as this module's temporary)."""
     staged = final.with_name(f".{final.name}.staging")
