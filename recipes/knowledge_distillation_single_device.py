@@ -9,6 +9,10 @@ checkpointing, compile, profiler, lr scheduler, metric loggers, checkpoints with
 student, exact divergences (``kd_losses``), layer alignment with learned projections and an IR loss, loss weighting,
 token-exact accumulation, a config pre-flight, mid-epoch checkpoints and safe stops. This file holds only
 orchestration; every idea lives in the training core, ``torchtune_kd.core`` (see its package docstring).
+
+``recipes/knowledge_distillation_distributed.py`` subclasses this recipe and overrides only what data parallelism
+changes (the methods marked "data-parallel hook" below): the world size and rank, model building (FSDP2), the
+reductions of the step's sums, gradient clipping, state gathering for checkpoints, and which rank logs and writes.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ class KDRecipeSingleDevice(FTRecipeInterface):
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._facts = preflight.validate_config(cfg, build_data=True)
+        self.world_size, self.rank = self._world()
+        self._is_rank_zero = self.rank == 0
+        self._facts = self._preflight(cfg)
         self._device = utils.get_device(device=cfg.device)
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         self._output_dir = Path(cfg.output_dir)
@@ -74,6 +80,67 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._steps_done_in_epoch = 0
         self._dataloader_state: Optional[Dict[str, Any]] = None
         self._last_checkpoint: Optional[Path] = None
+        self._stopped_by: Optional[int] = None
+
+    # ------------------------------------------------------- data-parallel hooks
+
+    def _world(self) -> tuple[int, int]:
+        """Data-parallel hook: ``(world_size, rank)``."""
+        return 1, 0
+
+    def _preflight(self, cfg: DictConfig) -> preflight.ModelFacts:
+        """Data-parallel hook: validate the whole config before anything heavy (every problem in one error)."""
+        return preflight.validate_config(cfg, build_data=True)
+
+    def _reduce_sum(self) -> Optional[Any]:
+        """Data-parallel hook: the sum over ranks for the step's token counts and means (``None``: one process)."""
+        return None
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Data-parallel hook: clip (when ``clip_grad_norm`` is set) and return the total gradient norm."""
+        return torch.nn.utils.clip_grad_norm_(
+            self._trainable_parameters(),
+            max_norm=float(self._clip_grad_norm) if self._clip_grad_norm is not None else float("inf"),
+        )
+
+    def _stop_signal(self) -> Optional[int]:
+        """Data-parallel hook: the SIGTERM/SIGINT received (by any rank), or ``None``."""
+        return self._signals.received
+
+    def _gather_model_state(self, trainable_only: bool) -> Dict[str, torch.Tensor]:
+        """Data-parallel hook: CPU copies of the student's state dict (only the adapters if ``trainable_only`` and
+        LoRA). Copies: the LoRA merge works in place and must never touch the live model."""
+        state = checkpointing.cpu_copy(self._model.state_dict())
+        return get_adapter_state_dict(state) if trainable_only and self._is_lora else state
+
+    def _gather_projection_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Data-parallel hook: CPU copies of the projections' weights (``None`` without a layer mapping)."""
+        return checkpointing.cpu_copy(self._aligner.projections.state_dict()) if self._aligner is not None else None
+
+    def _gather_optimizer_state(self) -> Dict[str, Any]:
+        """Data-parallel hook: the optimiser state in ``Optimizer.state_dict()``'s layout with full tensors."""
+        return self._optimizer.state_dict()
+
+    def _load_optimizer_state(self, state: Dict[str, Any]) -> None:
+        """Data-parallel hook: load an optimiser state written by either recipe."""
+        self._optimizer.load_state_dict(state)
+
+    def _load_projection_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Data-parallel hook: load full projection weights written by either recipe."""
+        self._aligner.projections.load_state_dict(state)
+
+    def _rng_state(self) -> Dict[str, Any]:
+        """Data-parallel hook: the RNG states to save (dropout draws from them)."""
+        return {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self._device) if self._device.type == "cuda" else None,
+        }
+
+    def _restore_rng_state(self, state: Dict[str, Any]) -> None:
+        """Data-parallel hook: restore the RNG states saved by :meth:`_rng_state`."""
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self._device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device=self._device)
 
     # ------------------------------------------------------------------ set-up
 
@@ -89,15 +156,17 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             state, path = checkpointing.load_latest_training_state(self._output_dir)
             self._last_checkpoint = path.parent
             log.info(f"Resuming from {path} (epochs run: {state[training.EPOCHS_KEY]}, step {state['global_step']}).")
-        elif cfg.get("overwrite_output_dir", False):
+        elif cfg.get("overwrite_output_dir", False) and self._is_rank_zero:
             for removed in checkpointing.remove_previous_run(self._output_dir):
                 log.info(f"overwrite_output_dir=True: removed the earlier run's {removed}")
 
-        config.log_config(recipe_name="KDRecipeSingleDevice", cfg=cfg)
-        for notice in self._facts.notices:
-            log.warning(f"Notice: {notice}")
-        self._metric_logger = config.instantiate(cfg.metric_logger)
-        self._metric_logger.log_config(cfg)
+        self._metric_logger = None
+        if self._is_rank_zero:
+            config.log_config(recipe_name=type(self).__name__, cfg=cfg)
+            for notice in self._facts.notices:
+                log.warning(f"Notice: {notice}")
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            self._metric_logger.log_config(cfg)
 
         self._compile = cfg.get("compile", False)
         self._settings = checkpointing.resume_settings(cfg)
@@ -142,7 +211,10 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             seed=self.seed,
             pad_id=self._tokenizer.pad_id,
             ignore_index=self._ignore_index,
+            num_replicas=self.world_size,
+            rank=self.rank,
         )
+        self._global_batch = cfg.batch_size * self._gradient_accumulation_steps * self.world_size
         self._steps_per_epoch = len(self._dataloader) // self._gradient_accumulation_steps
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < self._steps_per_epoch:
             self._steps_per_epoch = self.max_steps_per_epoch
@@ -169,15 +241,35 @@ class KDRecipeSingleDevice(FTRecipeInterface):
                 self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
         self.global_step = state["global_step"]
         self._steps_done_in_epoch = state.get("steps_in_epoch", 0)
-        self._dataloader_state = state.get("dataloader")
+        self._dataloader_state = self._resume_position(state)
         self._guard.skipped = state.get("nonfinite_steps", 0)
         if self._aligner is not None and state.get("projections") is not None:
-            self._aligner.projections.load_state_dict(state["projections"])
-        self._optimizer.load_state_dict(state[training.OPT_KEY])
+            self._load_projection_state(state["projections"])
+        self._load_optimizer_state(state[training.OPT_KEY])
         self._weighting.load_state_dict(state["loss_scaling"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if self._device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device=self._device)
+        self._restore_rng_state(state)
+
+    def _resume_position(self, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """Where in the epoch to continue: the dataloader's own state when the world size is the one that wrote
+        it; otherwise the global number of samples consumed, split over this run's ranks (the sampler deals samples
+        to ranks round-robin, so the first ``n`` samples of every rank are the first ``n * world_size`` overall).
+
+        Raises:
+            preflight.ConfigError: a mid-epoch state from a run with another global batch size.
+        """
+        if state.get("dataloader") is None:
+            return None
+        if state.get("world_size", 1) == self.world_size:
+            return state["dataloader"]
+        seen = state.get("samples_in_epoch")
+        if seen is None or state.get("global_batch") != self._global_batch or seen % self.world_size:
+            raise preflight.ConfigError([
+                f"the training state was saved mid-epoch by a run on {state.get('world_size', 1)} process(es) with a "
+                f"global batch of {state.get('global_batch')} samples; this run has {self.world_size} with "
+                f"{self._global_batch} (batch_size x gradient_accumulation_steps x world size): resume with the same "
+                "global batch, or from an epoch-end checkpoint"
+            ])
+        return {"sampler_yielded": seen // self.world_size}
 
     def _setup_model(
         self,
@@ -192,6 +284,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             cfg_model, device=self._device, dtype=self._dtype,
             base_state_dict=base_model_state_dict, trainable_state_dict=trainable_state_dict,
             compile_model=compile_model, activation_checkpointing=enable_activation_checkpointing,
+            init_seed=self.seed,
         )
         self._is_lora = self._lora is not None
         self._log_memory("After student init:")
@@ -212,7 +305,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         if self._facts.layer_pairs:
             self._aligner, self._student_capture, self._teacher_capture = alignment.attach(
                 self._model, self._teacher_model, self._facts.layer_pairs, config.instantiate(cfg.ir_loss),
-                device=self._device, dtype=self._dtype,
+                device=self._device, dtype=self._dtype, seed=self.seed,
             )
 
     def _setup_optimizer(self, cfg_optimizer: DictConfig) -> Optimizer:
@@ -296,7 +389,12 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         return sums
 
     def _accumulate_gradients(self, batches: List[Dict[str, torch.Tensor]]) -> tuple:
-        return loss_step.accumulate_gradients(batches, self._loss_step, self._weighting, self._ignore_index)
+        """Forward/backward the step's micro-batches; each contributes ``sum / step_tokens`` (global under data
+        parallelism, where FSDP's averaging over ranks is undone by scaling the backward by the world size)."""
+        return loss_step.accumulate_gradients(
+            batches, self._loss_step, self._weighting, self._ignore_index,
+            reduce_sum=self._reduce_sum(), grad_scale=float(self.world_size),
+        )
 
     def _micro_batches(self) -> Iterator[List[Dict[str, torch.Tensor]]]:
         """Group the dataloader's batches into the micro-batches of each optimiser step (on the device)."""
@@ -315,7 +413,17 @@ class KDRecipeSingleDevice(FTRecipeInterface):
 
     @property
     def stopped_by_signal(self) -> Optional[int]:
-        return self._signals.received
+        return self._stopped_by
+
+    def _log_metrics(self, values: Dict[str, float], elapsed: float) -> None:
+        if self._metric_logger is None:
+            return
+        metrics = loss_step.log_dict(values, lr=self._optimizer.param_groups[0]["lr"], elapsed=elapsed)
+        if self.world_size > 1:
+            metrics["tokens_per_second_per_gpu"] = metrics["tokens_per_second"] / self.world_size
+        if self._log_peak_memory_stats:
+            metrics.update(self._peak_memory())
+        self._metric_logger.log_dict(metrics, step=self.global_step)
 
     def train(self) -> None:
         """One optimiser step per ``gradient_accumulation_steps`` batches; checkpoints at each epoch end, every
@@ -335,10 +443,16 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         first_step = 0
         if self._dataloader_state is not None:
             # Mid-epoch resume: the dataloader continues after the last batch the checkpoint had consumed.
-            self._dataloader.load_state_dict(self._dataloader_state)
+            if "sampler_yielded" in self._dataloader_state:
+                self._dataloader.sampler.load_state_dict({"yielded": self._dataloader_state["sampler_yielded"]})
+            else:
+                self._dataloader.load_state_dict(self._dataloader_state)
             first_step, self._dataloader_state = self._steps_done_in_epoch, None
-        pbar = tqdm(total=self._steps_per_epoch, initial=first_step, desc=f"epoch {curr_epoch + 1}/{self.total_epochs}")
-        t0, epoch_done = time.perf_counter(), False
+        pbar = tqdm(
+            total=self._steps_per_epoch, initial=first_step, desc=f"epoch {curr_epoch + 1}/{self.total_epochs}",
+            disable=not self._is_rank_zero,
+        )
+        t0, epoch_done, stop = time.perf_counter(), False, None
         for step_in_epoch, batches in enumerate(self._micro_batches(), start=first_step):
             if step_in_epoch >= self._steps_per_epoch:
                 break
@@ -347,10 +461,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
                 torch.cuda.memory._record_memory_history()
 
             totals, weights = self._accumulate_gradients(batches)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self._trainable_parameters(),
-                max_norm=float(self._clip_grad_norm) if self._clip_grad_norm is not None else float("inf"),
-            )
+            grad_norm = self._clip_gradients()
             values = loss_step.read_step_values(totals, grad_norm, weights)
             if self._guard.check(values, step=self.global_step + 1, epoch=curr_epoch, last_checkpoint=self._last_checkpoint):
                 self._optimizer.step()
@@ -359,7 +470,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             if self._lr_scheduler is not None:
                 self._lr_scheduler.step()
             self.global_step += 1
-            if values["label_tokens"] == 0:
+            if values["label_tokens"] == 0 and self._is_rank_zero:
                 log.warning(
                     f"Step {self.global_step}: every label of the step is ignored, so CE and KD are 0 and only IR "
                     "trains; check the dataset's masking (train_on_input) and max_seq_len truncation."
@@ -368,12 +479,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             pbar.update(1)
             pbar.set_description(f"{curr_epoch + 1}|{self.global_step}|Loss: {values['loss']:.4f}")
             if self.global_step % self._log_every_n_steps == 0:
-                metrics = loss_step.log_dict(
-                    values, lr=self._optimizer.param_groups[0]["lr"], elapsed=time.perf_counter() - t0
-                )
-                if self._log_peak_memory_stats:
-                    metrics.update(self._peak_memory())
-                self._metric_logger.log_dict(metrics, step=self.global_step)
+                self._log_metrics(values, elapsed=time.perf_counter() - t0)
             t0 = time.perf_counter()
             if profiling_memory and step_in_epoch == (
                 self.profiler_wait_steps + self.profiler_warmup_steps + self.profiler_active_steps
@@ -383,16 +489,19 @@ class KDRecipeSingleDevice(FTRecipeInterface):
 
             epoch_done = step_in_epoch + 1 >= self._steps_per_epoch
             periodic = bool(self._save_every_n_steps) and self.global_step % self._save_every_n_steps == 0
-            if not epoch_done and (periodic or self._signals.received is not None):
+            stop = self._stop_signal()
+            if not epoch_done and (periodic or stop is not None):
                 self.save_checkpoint(epoch=curr_epoch, steps_in_epoch=step_in_epoch + 1)
-            if self._signals.received is not None and not epoch_done:
+            if stop is not None and not epoch_done:
                 break
         pbar.close()
-        if epoch_done or self._signals.received is None:
+        if epoch_done or stop is None:
             self.epochs_run += 1
             self.save_checkpoint(epoch=curr_epoch)
-        if self._signals.received is not None:
-            self._signals.report(self.global_step, self._last_checkpoint)
+        if stop is not None:
+            self._stopped_by = stop
+            if self._is_rank_zero:
+                self._signals.report(self.global_step, self._last_checkpoint, stop)
             return False
         return True
 
@@ -405,18 +514,22 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         Raises:
             checkpointing.CheckpointError: a weight is NaN/inf (nothing is written).
         """
+        end_of_epoch = steps_in_epoch == 0
+        # Gathered on every rank (collectives under data parallelism), written by rank 0 only.
+        model_state = self._gather_model_state(trainable_only=not end_of_epoch)
+        projections = self._gather_projection_state()
+        optimizer_state = self._gather_optimizer_state()
+        rng = self._rng_state()
+        if not self._is_rank_zero:
+            return
         checkpointing.clean_leftovers(
             self._output_dir, self._output_dir / "adapters", self._output_dir / checkpointing.TRAINING_STATE_DIR
         )
         checkpointing.clean_incomplete_states(self._output_dir)
-        # Copies: the LoRA merge works in place and must never touch the live model.
-        model_state = checkpointing.cpu_copy(self._model.state_dict())
         trainable = get_adapter_state_dict(model_state) if self._is_lora else model_state
-        projections = checkpointing.cpu_copy(self._aligner.projections.state_dict()) if self._aligner is not None else None
         checkpointing.require_finite(trainable, "the student's weights")
         checkpointing.require_finite(projections or {}, "the projections")
 
-        end_of_epoch = steps_in_epoch == 0
         if end_of_epoch:
             checkpointing.save_student(
                 self._checkpointer, model_state, self._output_dir, epoch,
@@ -435,17 +548,18 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             "steps_in_epoch": steps_in_epoch,
             # An epoch's data order is fixed by the sampler's seed and the epoch; within it, the loader's state.
             "dataloader": None if end_of_epoch else self._dataloader.state_dict(),
-            training.OPT_KEY: self._optimizer.state_dict(),
+            # World-size-independent position (the other recipe resumes from it) and what it assumes.
+            "samples_in_epoch": steps_in_epoch * self._global_batch,
+            "global_batch": self._global_batch,
+            "world_size": self.world_size,
+            training.OPT_KEY: optimizer_state,
             "trainable": trainable,
             "projections": projections,
             "layer_pairs": [list(p) for p in self._facts.layer_pairs],
             "settings": self._settings,
             "loss_scaling": self._weighting.state_dict(),
             "nonfinite_steps": self._guard.skipped,
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self._device) if self._device.type == "cuda" else None,
-            },
+            "rng": rng,
         }
         path = checkpointing.save_training_state(state, self._output_dir, self.global_step, self._keep_last_n)
         self._last_checkpoint = path.parent
@@ -456,7 +570,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         for capture in (getattr(self, "_student_capture", None), getattr(self, "_teacher_capture", None)):
             if capture is not None:
                 capture.remove()
-        if hasattr(self, "_metric_logger"):
+        if getattr(self, "_metric_logger", None) is not None:
             self._metric_logger.close()
 
 

@@ -65,10 +65,11 @@ def start_tune_run(
     *,
     cwd: PathLike,
     env: Optional[Mapping[str, str]] = None,
+    nproc_per_node: Optional[int] = None,
 ) -> subprocess.Popen:
     """Start a recipe without waiting (output piped, text, stderr merged): for progress display or signals."""
     return subprocess.Popen(
-        tune_run_command(recipe, config, overrides),
+        tune_run_command(recipe, config, overrides, nproc_per_node=nproc_per_node),
         cwd=cwd,
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,

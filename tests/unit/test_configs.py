@@ -139,3 +139,31 @@ def test_teacher_lora_configs_build_for_torchtunes_recipe(path):
     tt_config.instantiate(cfg.loss)
     for key in ("checkpointer", "tokenizer", "dataset", "optimizer", "lr_scheduler", "metric_logger"):
         assert key in cfg
+
+
+@pytest.mark.parametrize(
+    "name, world_size, depths, dims, lora, pairs",
+    [
+        ("distributed_8B_to_1B.yaml", 8, (16, 32), (2048, 4096), False, [(3, 7), (7, 15), (11, 23), (15, 31)]),
+        ("distributed_3B_to_1B.yaml", 2, (16, 28), (2048, 3072), True, [(0, 15), (1, 20), (2, 25)]),
+    ],
+)
+def test_distributed_configs_match_their_models(name, world_size, depths, dims, lora, pairs):
+    """The multi-GPU configs pass the distributed recipe's pre-flight with the real architectures on meta."""
+    facts = preflight.validate_config(load(name), check_files=False, check_device=False, world_size=world_size)
+    assert (facts.student_depth, facts.teacher_depth) == depths
+    assert (facts.student_dim, facts.teacher_dim) == dims
+    assert facts.student_vocab == facts.teacher_vocab == 128256
+    assert facts.student_is_lora is lora
+    assert facts.layer_pairs == pairs
+    assert not facts.notices
+
+
+def test_fsdp_keys_are_checked_for_the_distributed_recipe_and_noted_for_the_single_device_one():
+    cfg = load("distributed_3B_to_1B.yaml", "fsdp_cpu_offload=maybe", "custom_sharded_layers=output")
+    with pytest.raises(preflight.ConfigError) as info:
+        preflight.validate_config(cfg, check_files=False, check_device=False, world_size=2)
+    assert "fsdp_cpu_offload='maybe' must be true or false" in str(info.value)
+    assert "custom_sharded_layers='output' must be a list of module names" in str(info.value)
+    facts = preflight.validate_config(load("distributed_3B_to_1B.yaml"), check_files=False, check_device=False)
+    assert any("only apply to recipes/knowledge_distillation_distributed.py" in notice for notice in facts.notices)

@@ -25,6 +25,8 @@ from torch import nn
 
 import kd_losses
 
+from torchtune_kd.core import seeded_init
+
 LayerPair = tuple[int, int]
 
 
@@ -294,6 +296,7 @@ def attach(
     *,
     device: torch.device,
     dtype: torch.dtype,
+    seed: int = 0,
 ) -> tuple[HiddenStateAligner, LayerOutputCapture, LayerOutputCapture]:
     """Set up alignment between two models: projections sized from them, hooks on exactly the mapped layers.
 
@@ -304,6 +307,8 @@ def attach(
         ir_loss (nn.Module): a hidden-state loss with ``token_sum`` (e.g. ``kd_losses.CosineIRLoss``).
         device (torch.device): where the projections live.
         dtype (torch.dtype): the projections' dtype.
+        seed (int): the run's seed; the projections' starting weights depend only on it and their names
+            (``seeded_init``), so they are the same on one device or many.
 
     Returns:
         tuple: the aligner (projections + IR loss) and the student's and teacher's captures; call ``remove()`` on
@@ -314,6 +319,7 @@ def attach(
     aligner = HiddenStateAligner(
         pairs, student_dim=model_embed_dim(student), teacher_dim=model_embed_dim(teacher), ir_loss=ir_loss
     ).to(device=device, dtype=dtype)
+    seeded_init.reset_linear_layers(aligner.projections, seed, prefix="projections.")
     student_capture = LayerOutputCapture(decoder_layers(student), aligner.student_layers)
     teacher_capture = LayerOutputCapture(decoder_layers(teacher), aligner.teacher_layers, detach=True)
     utils.get_logger("INFO").info(

@@ -45,8 +45,11 @@ KNOWN_TOP_LEVEL_KEYS = frozenset(
         # torchtune-kd additions
         "layer_mapping", "ir_loss", "loss_scaling", "projection_lr_multiplier", "save_projections",
         "save_every_n_steps", "keep_last_n", "overwrite_output_dir", "max_nonfinite_steps",
+        # the distributed recipe (torchtune's distributed recipes' names)
+        *("fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers"),
     }
 )
+FSDP_KEYS = ("fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers")
 REQUIRED_KEYS = (
     "output_dir", "model", "teacher_model", "tokenizer", "checkpointer", "teacher_checkpointer", "dataset",
     "optimizer", "loss", "kd_loss", "epochs", "batch_size", "device", "dtype", "metric_logger",
@@ -978,18 +981,43 @@ def _build_data(cfg: DictConfig, problems: list[str]) -> Optional[tuple[Any, Any
     return tokenizer, dataset
 
 
-def _check_sample_count(cfg: DictConfig, dataset: Any, problems: list[str]) -> None:
-    """The dataloader drops the last partial batch: fewer samples than one optimiser step means no step at all."""
+def _check_sample_count(cfg: DictConfig, dataset: Any, problems: list[str], world_size: int = 1) -> None:
+    """The dataloader drops the last partial batch: fewer samples than one optimiser step means no step at all
+    (with data parallelism each rank gets ``ceil(samples / world_size)``)."""
     batch_size, accumulation = cfg.get("batch_size", None), cfg.get("gradient_accumulation_steps", 1)
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in (batch_size, accumulation)):
         return  # reported by the integer checks
     count = len(dataset)
-    if count < batch_size * accumulation:
+    per_rank = -(-count // world_size)
+    if per_rank < batch_size * accumulation:
         unit = "samples (packed)" if getattr(dataset, "packed", False) or type(dataset).__name__ == "PackedDataset" else "samples"
+        where = f" on each of {world_size} ranks ({per_rank} of them per rank)" if world_size > 1 else ""
         problems.append(
             f"batch_size={batch_size} x gradient_accumulation_steps={accumulation} = {batch_size * accumulation} "
-            f"samples per optimiser step, but the dataset has {count} {unit} (the last partial batch is dropped, so an "
-            "epoch has no step): lower batch_size or gradient_accumulation_steps, or use more data"
+            f"samples per optimiser step{where}, but the dataset has {count} {unit} (the last partial batch is "
+            "dropped, so an epoch has no step): lower batch_size or gradient_accumulation_steps, or use more data"
+        )
+
+
+def _check_fsdp(cfg: DictConfig, world_size: Optional[int], problems: list[str], notices: list[str]) -> None:
+    present = [key for key in FSDP_KEYS if cfg.get(key, None) is not None]
+    if world_size is None:
+        if present:
+            notices.append(
+                f"{', '.join(present)} only apply to recipes/knowledge_distillation_distributed.py; the single-device "
+                "recipe ignores them"
+            )
+        return
+    for key in ("fsdp_cpu_offload", "fsdp_reshard_after_forward"):
+        value = cfg.get(key, None)
+        if value is not None and not isinstance(value, bool):
+            problems.append(f"{key}={value!r} must be true or false")
+    layers = cfg.get("custom_sharded_layers", None)
+    if layers is not None and (
+        not isinstance(layers, (list, ListConfig)) or not all(isinstance(name, str) and name for name in layers)
+    ):
+        problems.append(
+            f"custom_sharded_layers={_show(layers)} must be a list of module names, e.g. [tok_embeddings, output]"
         )
 
 
@@ -1009,7 +1037,12 @@ def _meta_model(cfg_model: DictConfig, key: str, problems: list[str]) -> Optiona
 
 
 def validate_config(
-    cfg: DictConfig, *, check_files: bool = True, check_device: bool = True, build_data: bool = False
+    cfg: DictConfig,
+    *,
+    check_files: bool = True,
+    check_device: bool = True,
+    build_data: bool = False,
+    world_size: Optional[int] = None,
 ) -> ModelFacts | None:
     """Validate a distillation config before any heavy work.
 
@@ -1022,6 +1055,8 @@ def validate_config(
         build_data (bool): also build the tokenizer and the dataset(s) (a list becomes a ``ConcatDataset``, as in the
             recipe), check their files, columns and size, and return them on the facts for the recipe to reuse.
             Skipped when another problem concerns the ``tokenizer`` or ``dataset`` keys. Default False.
+        world_size (Optional[int]): the number of data-parallel ranks for the distributed recipe (its FSDP keys
+            are checked and the data must give every rank a step); ``None`` for the single-device recipe.
 
     Returns:
         ModelFacts | None: depths, sizes, the resolved layer pairs and notices for the user (and, with
@@ -1049,6 +1084,7 @@ def validate_config(
 
     _check_int(cfg, "batch_size", problems, minimum=1)
     _check_int(cfg, "epochs", problems, minimum=1)
+    _check_fsdp(cfg, world_size, problems, notices)
     _check_int(cfg, "gradient_accumulation_steps", problems, minimum=1)
     _check_int(cfg, "log_every_n_steps", problems, minimum=1)
     _check_int(cfg, "max_steps_per_epoch", problems, minimum=1, optional=True)
@@ -1149,7 +1185,7 @@ def validate_config(
     if build_data and not _concerns(problems, DATA_KEYS):
         data = _build_data(cfg, problems)
         if data is not None:
-            _check_sample_count(cfg, data[1], problems)
+            _check_sample_count(cfg, data[1], problems, world_size or 1)
             if facts is not None:
                 facts.tokenizer, facts.dataset = data
                 facts.num_samples = len(data[1])

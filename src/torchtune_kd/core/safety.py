@@ -103,9 +103,10 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def report(self, step: int, checkpoint: Optional[Path]) -> None:
-        """Say where the resumable checkpoint is and how to resume."""
+    def report(self, step: int, checkpoint: Optional[Path], signum: Optional[int] = None) -> None:
+        """Say where the resumable checkpoint is and how to resume (``signum``: the signal that stopped the run, by
+        default the one this process received; under data parallelism another rank may have received it)."""
         log.warning(
-            f"Stopped by {signal.Signals(self.received).name} after step {step}: resumable checkpoint in {checkpoint}. "
+            f"Stopped by {signal.Signals(signum or self.received).name} after step {step}: resumable checkpoint in {checkpoint}. "
             "Resume with the same command plus resume_from_checkpoint=True."
         )
