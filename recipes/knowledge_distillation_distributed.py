@@ -183,9 +183,23 @@ class KDRecipeDistributed(KDRecipeSingleDevice):
         if self._aligner is not None:
             distributed.shard_each(self._aligner.projections.values(), cpu_offload=self._fsdp_cpu_offload)
 
+    def _peak_memory(self) -> Dict[str, float]:
+        """Rank 0's figures under torchtune's names, plus every rank's peak (``<name>/rank<r>``) and the largest."""
+        own = super()._peak_memory()
+        key = "peak_memory_alloc" if "peak_memory_alloc" in own else "peak_memory_rss_gib"
+        every = distributed.all_gather_floats(own[key], self._device)
+        own.update({f"{key}/rank{rank}": value for rank, value in enumerate(every)})
+        own[f"{key}/max_over_ranks"] = max(every)
+        return own
+
     def _log_memory(self, message: str) -> None:
         if self._is_rank_zero:
             super()._log_memory(message)
+
+    def save_checkpoint(self, epoch: int, steps_in_epoch: int = 0) -> None:
+        """Gather on every rank, write on rank 0; every rank returns once the checkpoint is on disk."""
+        super().save_checkpoint(epoch, steps_in_epoch)
+        torch.distributed.barrier()
 
     def cleanup(self) -> None:
         super().cleanup()
@@ -226,6 +240,8 @@ def recipe_main(cfg: DictConfig) -> None:
         recipe = KDRecipeDistributed(cfg=cfg)
         recipe.setup(cfg=cfg)
         recipe.train()
+        # No rank tears the process group down while another still uses it.
+        torch.distributed.barrier()
     except preflight.ConfigError as err:
         # Every rank raises the same gathered error: rank 0 prints it.
         if rank == 0:

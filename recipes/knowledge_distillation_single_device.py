@@ -406,6 +406,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
                 group = []
 
     def _peak_memory(self) -> Dict[str, float]:
+        """Data-parallel hook: this process's peak memory since the last call (GiB)."""
         if self._device.type == "cuda":
             return training.get_memory_stats(device=self._device)
         # ru_maxrss is in KiB on Linux.
@@ -416,13 +417,14 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         return self._stopped_by
 
     def _log_metrics(self, values: Dict[str, float], elapsed: float) -> None:
+        # Every rank reads its memory (a collective under data parallelism); only rank 0 has a logger.
+        memory = self._peak_memory() if self._log_peak_memory_stats else {}
         if self._metric_logger is None:
             return
         metrics = loss_step.log_dict(values, lr=self._optimizer.param_groups[0]["lr"], elapsed=elapsed)
         if self.world_size > 1:
             metrics["tokens_per_second_per_gpu"] = metrics["tokens_per_second"] / self.world_size
-        if self._log_peak_memory_stats:
-            metrics.update(self._peak_memory())
+        metrics.update(memory)
         self._metric_logger.log_dict(metrics, step=self.global_step)
 
     def train(self) -> None:

@@ -34,12 +34,15 @@ COMMON = [
 ]
 SINGLE_BATCH, DIST_BATCH, WORLD = 4, 2, 2
 # Everything a run logs except wall-clock and memory figures.
-NOT_COMPARED = {"tokens_per_second", "tokens_per_second_per_gpu", "peak_memory_rss_gib"}
+NOT_COMPARED = {"tokens_per_second", "tokens_per_second_per_gpu"}
 RUN_TIMEOUT = 300
 
 
 def logged(log_dir: Path) -> dict[str, dict[int, float]]:
-    return {k: dict(v) for k, v in run_logs.read_disk_log(log_dir).items() if k not in NOT_COMPARED}
+    return {
+        k: dict(v) for k, v in run_logs.read_disk_log(log_dir).items()
+        if k not in NOT_COMPARED and not k.startswith("peak_memory")
+    }
 
 
 def run_distributed(cfg, out: Path, *, env: dict | None = None, timeout: float = RUN_TIMEOUT):
@@ -109,6 +112,11 @@ def test_rank_zero_logs_and_writes_alone(runs):
     assert runs["dist_stdout"].count("Optimizer is initialized.") == 1
     metrics = run_logs.read_disk_log(out / "logs")
     assert metrics["tokens_per_second_per_gpu"][0][1] == pytest.approx(metrics["tokens_per_second"][0][1] / WORLD)
+    # Memory of every rank, and the largest.
+    ranks = [metrics[f"peak_memory_rss_gib/rank{r}"][0][1] for r in range(WORLD)]
+    assert all(value > 0.1 for value in ranks)
+    assert metrics["peak_memory_rss_gib/max_over_ranks"][0][1] == max(ranks)
+    assert metrics["peak_memory_rss_gib"][0][1] == ranks[0]
 
 
 def test_export_loads_in_transformers(runs):
@@ -157,12 +165,12 @@ def test_two_process_state_resumes_on_one_device(runs):
 
 
 FEATURES = [
-    # The kd_ratio blend, an unchunked divergence, packed samples, activation checkpointing and compile (the
-    # "eager" backend: the wiring is what is tested here, not inductor's code generation).
+    # The kd_ratio blend, an unchunked divergence, packed samples, clipping of sharded gradients, activation
+    # checkpointing and compile (the "eager" backend: the wiring is what is tested here, not inductor's code).
     "loss_scaling.enabled=false", "kd_ratio=0.4", "loss=torch.nn.CrossEntropyLoss", "~loss.num_output_chunks",
     "kd_loss=kd_losses.ReverseKLLoss", "~kd_loss.num_output_chunks", "~kd_loss.lambda_weight",
     "dataset.packed=true", "tokenizer.max_seq_len=128", "enable_activation_checkpointing=true", "compile=true",
-    "epochs=1", "max_steps_per_epoch=3", "gradient_accumulation_steps=2", "seed=11",
+    "epochs=1", "max_steps_per_epoch=3", "gradient_accumulation_steps=2", "seed=11", "clip_grad_norm=0.05",
 ]
 
 
@@ -175,8 +183,36 @@ def test_blend_unchunked_packed_checkpointing_and_compile_match_too(assets_root,
     assert result.returncode == 0, result.stdout[-6000:]
     single, dist = logged(tmp_path / "single" / "logs"), logged(tmp_path / "dist" / "logs")
     assert single["weight/kd"][1] == pytest.approx(0.4)
+    assert min(single["grad_norm"].values()) > 0.05  # the clip was active on every step
     assert_same_logs(single, dist, steps=range(1, 4))
     assert_same_weights(tmp_path / "single" / "epoch_0", tmp_path / "dist" / "epoch_0")
+
+
+def test_tied_embeddings_full_fine_tune_matches_too(assets_root, tmp_path):
+    """Llama 3.2's tied output/embedding (the 8B -> 1B config's full fine-tune student): the shared weight gets both
+    gradients on every rank; ``custom_sharded_layers`` leaves the tied pair in the root unit."""
+    from torchtune_kd.testing import standins
+
+    tied = "torchtune.models.llama3_2._component_builders.llama3_2"
+    models = [f"model._component_={tied}", f"teacher_model._component_={tied}",
+              "checkpointer.model_type=LLAMA3_2", "teacher_checkpointer.model_type=LLAMA3_2"]
+    probe = tiny_config(assets_root, tmp_path / "probe", models)
+    for key, folder, seed in (("model", "student", 0), ("teacher_model", "teacher", 1)):
+        standins.write_random_checkpoint(probe[key], tmp_path / folder, dtype=torch.float32, seed=seed)
+    models += [f"checkpointer.checkpoint_dir={tmp_path / 'student'}", f"teacher_checkpointer.checkpoint_dir={tmp_path / 'teacher'}",
+               "epochs=1", "max_steps_per_epoch=3", "gradient_accumulation_steps=2", "seed=5"]
+    run_recipe(tiny_config(assets_root, tmp_path / "single", [*models, f"batch_size={SINGLE_BATCH}"]))
+    dist_cfg = tiny_config(assets_root, tmp_path / "dist", [*models, f"batch_size={DIST_BATCH}",
+                                                             "custom_sharded_layers=[tok_embeddings,output]"])
+    result = run_distributed(dist_cfg, tmp_path / "dist")
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "ties its output to tok_embeddings" in result.stdout
+    assert_same_logs(logged(tmp_path / "single" / "logs"), logged(tmp_path / "dist" / "logs"), steps=range(1, 4))
+    assert_same_weights(tmp_path / "single" / "epoch_0", tmp_path / "dist" / "epoch_0")
+    exported = load_file(tmp_path / "dist" / "epoch_0" / "model-00001-of-00001.safetensors")
+    assert "lm_head.weight" not in exported  # still tied in the export
+    start = load_file(tmp_path / "student" / "model.safetensors")["model.embed_tokens.weight"]
+    assert not torch.allclose(exported["model.embed_tokens.weight"], start)
 
 
 # ------------------------------------------------------------------------------------------ a failing rank
@@ -280,3 +316,34 @@ def test_a_signal_to_one_rank_checkpoints_every_rank_and_the_run_resumes(assets_
     assert result.returncode == 0, result.stdout[-6000:]
     assert sorted(step for step, _ in run_logs.read_disk_log(tmp_path / "out" / "logs")["loss"])[-1] == 40
     assert (tmp_path / "out" / "epoch_0" / "config.json").is_file()
+
+
+def test_the_check_script_runs_both_commands(tmp_path):
+    """scripts/distributed_check.py (what scripts/gpu_check.sh runs on GPUs) on CPU: it compares and it reports."""
+    import subprocess
+    import sys
+
+    script = [sys.executable, str(REPO / "scripts" / "distributed_check.py")]
+    equivalence = subprocess.run(
+        [*script, "equivalence", "--kinds", "lora", "--steps", "2", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert equivalence.returncode == 0, equivalence.stdout[-3000:] + equivalence.stderr[-3000:]
+    rows = [line.split() for line in equivalence.stdout.splitlines() if line.startswith("lora ")]
+    assert [row[1] for row in rows] == ["loss", "ce_loss", "kd_loss", "ir_loss", "weights"]
+    assert all(float(row[2]) <= 1e-5 for row in rows) and "OK" in equivalence.stdout
+    dummy = subprocess.run(
+        [*script, "dummy", "--config", "configs/tiny_cpu.yaml", "--steps", "2", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert dummy.returncode == 0, dummy.stdout[-3000:] + dummy.stderr[-3000:]
+    assert "peak_memory_rss_gib/rank0" in dummy.stdout and "peak_memory_rss_gib/rank1" in dummy.stdout
+    assert (tmp_path / "dummy" / "tiny_cpu" / "teacher_model" / "config.json").is_file()
+
+
+def test_without_a_launcher_the_recipe_says_how_to_start_it(assets_root, tmp_path):
+    cfg = tiny_config(assets_root, tmp_path / "out")
+    OmegaConf.save(cfg, tmp_path / "out.yaml")
+    result = tune_cli.tune_run(DIST_RECIPE, tmp_path / "out.yaml", cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    assert "tune run --nproc_per_node N" in result.stdout and "Traceback" not in result.stdout, result.stdout[-3000:]

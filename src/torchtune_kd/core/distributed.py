@@ -39,6 +39,14 @@ def max_over_ranks(value: Optional[int], device: torch.device) -> Optional[int]:
     return None if result < 0 else result
 
 
+def all_gather_floats(value: float, device: torch.device) -> list[float]:
+    """``value`` from every rank, in rank order."""
+    mine = torch.tensor([float(value)], device=device, dtype=torch.float64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [float(v.item()) for v in every]
+
+
 def gather_errors(message: Any) -> dict[int, Any]:
     """Every rank's error (``None`` where a rank had none, e.g. a list of problems), so that all ranks stop together.
 
@@ -156,11 +164,28 @@ def shard_decoder(
     reshard_after_forward: bool = True,
 ) -> None:
     """FSDP2 (``fully_shard``) on each transformer layer (plus ``custom_sharded_layers``) and the root, as torchtune's
-    distributed recipes do (``training.shard_model``)."""
-    from torchtune import training
+    distributed recipes do (``training.shard_model``).
 
-    conditions = [partial(training.get_shard_conditions, names_to_match=list(custom_sharded_layers or []) or None)]
+    A model whose output projection is tied to its token embedding (Llama 3.2 1B and 3B) keeps both in the root unit
+    whatever ``custom_sharded_layers`` says: the one weight is used at both ends of the forward, and an embedding
+    sharded on its own would be resharded before the output projection reads it.
+    """
+    from torchtune import training, utils
+
+    names = list(custom_sharded_layers or [])
+    if has_tied_output(model) and {"tok_embeddings", "output"} & set(names):
+        names = [name for name in names if name not in ("tok_embeddings", "output")]
+        utils.get_logger("INFO").info(
+            f"{type(model).__name__} ties its output to tok_embeddings: both stay in the root FSDP unit "
+            "(custom_sharded_layers applies to the other names only)."
+        )
+    conditions = [partial(training.get_shard_conditions, names_to_match=names or None)]
     training.shard_model(model, conditions, cpu_offload=cpu_offload, reshard_after_forward=reshard_after_forward)
+
+
+def has_tied_output(model: nn.Module) -> bool:
+    """Whether the model's output projection reuses its token embedding (torchtune's ``TiedLinear``)."""
+    return type(getattr(model, "output", None)).__name__ == "TiedLinear"
 
 
 def shard_each(modules: Iterable[nn.Module], *, cpu_offload: bool = False) -> None:

@@ -634,7 +634,7 @@ def _is_blank(path: Path) -> bool:
     return size == 0 or (size < 4096 and not path.read_bytes().strip())
 
 
-def _builder_sizes(model: nn.Module) -> dict[str, int]:
+def builder_sizes(model: nn.Module) -> dict[str, int]:
     """The builder keywords of ``HF_TO_BUILDER`` as the meta-device model has them (those it exposes)."""
     sizes: dict[str, int] = {}
     try:
@@ -675,7 +675,7 @@ def _check_checkpoint_config(key: str, model_key: str, ckpt: Any, model: nn.Modu
         return
     # Hugging Face leaves num_key_value_heads out when it equals num_attention_heads.
     hf.setdefault("num_key_value_heads", hf.get("num_attention_heads"))
-    built = _builder_sizes(model)
+    built = builder_sizes(model)
     wrong = [
         (hf_key, hf[hf_key], builder_key, built[builder_key])
         for hf_key, builder_key in HF_TO_BUILDER

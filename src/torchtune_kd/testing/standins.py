@@ -60,6 +60,7 @@ __all__ = [
     "MODEL_COMMON",
     "SEEDS",
     "STUDENT_SHAPE",
+    "write_random_checkpoint",
     "TEACHER_SHAPE",
     "TOKENIZER_FILES",
     "build_all",
@@ -711,6 +712,55 @@ def build_llama_model(
         pretrain_data=pretrain_data,
     )
     return kwargs
+
+
+def write_random_checkpoint(cfg_model: Any, out_dir: Path, *, dtype: torch.dtype, seed: int) -> None:
+    """The model a config's ``model`` / ``teacher_model`` section builds, with random weights, as a Hugging Face
+    folder (``model.safetensors`` and ``config.json``; a LoRA model's adapters left out, a tied output left tied).
+
+    Real architectures on dummy weights: what a run's memory and speed depend on, without a download. Nothing is
+    written when ``out_dir/config.json`` already exists. Weight matrices are N(0, 0.02), norms 1.
+    """
+    from safetensors.torch import save_file
+    from torchtune import config, training
+    from torchtune.models import convert_weights
+    from torchtune.modules.peft import get_adapter_state_dict
+
+    from torchtune_kd.core import preflight
+
+    if (out_dir / "config.json").is_file():
+        return
+    cfg_plain, _ = preflight.model_config_without_flag(cfg_model)
+    with training.set_default_dtype(dtype), torch.device("meta"):
+        model = config.instantiate(cfg_plain)
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+            else:
+                param.fill_(1.0)
+    adapters = set(get_adapter_state_dict(model.state_dict(), device=None))
+    state = {k: v for k, v in model.state_dict().items() if k not in adapters}
+    sizes = preflight.builder_sizes(model)
+    head_dim = sizes["embed_dim"] // sizes["num_heads"]
+    hf_state = convert_weights.tune_to_hf(
+        state, num_heads=sizes["num_heads"], num_kv_heads=sizes["num_kv_heads"], dim=sizes["embed_dim"], head_dim=head_dim
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in hf_state.items()}, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    tied = "output.weight" not in state
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": sizes["embed_dim"],
+        "num_hidden_layers": sizes["num_layers"], "num_attention_heads": sizes["num_heads"],
+        "num_key_value_heads": sizes["num_kv_heads"], "intermediate_size": sizes["intermediate_dim"],
+        "vocab_size": sizes["vocab_size"], "head_dim": head_dim, "tie_word_embeddings": tied,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+        "torch_dtype": "bfloat16" if dtype == torch.bfloat16 else "float32",
+    }
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
+
 
 
 # ------------------------------------------------------------------------------------------------------ build all
