@@ -17,6 +17,7 @@ reductions of the step's sums, gradient clipping, state gathering for checkpoint
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -33,7 +34,9 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training import DummyProfiler, PROFILER_KEY
 from tqdm import tqdm
 
-from torchtune_kd.core import alignment, checkpointing, data, loss_step, loss_weighting, models, preflight, safety
+from torchtune_kd.core import (
+    alignment, checkpointing, data, fused_output, loss_step, loss_weighting, models, preflight, safety,
+)
 
 log = utils.get_logger("INFO")
 
@@ -76,6 +79,9 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._keep_last_n = int(cfg.get("keep_last_n", 1))
         self._guard = safety.NonFiniteGuard(int(cfg.get("max_nonfinite_steps", 0)))
+        fused = cfg.get("fused_output", None) or {}
+        self._fused = bool(fused.get("enabled", False))
+        self._fused_chunk_size = int(fused.get("chunk_size", fused_output.DEFAULT_CHUNK_SIZE))
         self._signals = safety.StopSignals()
         self._steps_done_in_epoch = 0
         self._dataloader_state: Optional[Dict[str, Any]] = None
@@ -197,6 +203,14 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             cfg.loss, cfg.kd_loss, (self._model, self._teacher_model), compile=self._compile
         )
         self._ignore_index = self._losses.ignore_index
+        self._fused_chunk_fn = None
+        if self._fused:
+            # The models return their final hidden states; the loss applies the output projections chunk by chunk.
+            for model in (self._model, self._teacher_model):
+                model.set_num_output_chunks(0)
+            if self._compile:
+                self._fused_chunk_fn = fused_output.compiled_chunk_fn(os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
+            log.info(f"Fused output pass: CE and KD from hidden states, {self._fused_chunk_size} tokens per chunk.")
         log.info(
             f"Loss is initialized ({type(self._losses.kd_loss).__name__}, output chunks: "
             f"{self._losses.num_output_chunks or 'none'})."
@@ -357,28 +371,48 @@ class KDRecipeSingleDevice(FTRecipeInterface):
 
     # ---------------------------------------------------------------- training
 
-    def _loss_step(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def _loss_step(
+        self, batch: Dict[str, torch.Tensor], coefficients: Optional[Dict[str, torch.Tensor]] = None
+    ) -> Dict[str, torch.Tensor]:
         """Forward both models on one micro-batch and return the loss components as token sums.
 
         Args:
             batch (Dict[str, torch.Tensor]): ``tokens``, ``labels`` and ``real_tokens`` ``(bsz, seq_len)``; with
                 packing also ``mask`` ``(bsz, seq_len, seq_len)`` and ``input_pos`` ``(bsz, seq_len)``.
+            coefficients (Optional[Dict[str, torch.Tensor]]): with ``fused_output``, the weights of CE and KD in the
+                step's objective divided by its counted tokens (``loss_step.accumulate_gradients`` passes them).
 
         Returns:
             Dict[str, torch.Tensor]: fp32 scalar sums ``ce``, ``kd``, ``ir`` (if aligned) and ``ir/<s>-<t>``, and the
-            detached diagnostics ``agree`` and ``teacher_entropy``.
+            detached diagnostics ``agree`` and ``teacher_entropy``; with ``fused_output`` also the differentiable
+            ``objective`` (the weighted CE + KD, whose sums are then detached).
         """
         tokens, mask, input_pos = batch["tokens"], batch.get("mask", None), batch.get("input_pos", None)
-        with self._activations_handling_ctx:
-            logits = self._model(tokens, mask=mask, input_pos=input_pos)
-        with torch.no_grad():
-            teacher_logits = self._teacher_model(tokens, mask=mask, input_pos=input_pos)
-
         labels = loss_step.shift_labels(batch["labels"], self._ignore_index)
-        sums: Dict[str, torch.Tensor] = {"ce": self._losses.ce_token_sum(logits, labels)}
-        sums["kd"], _ = self._losses.kd_token_sum(logits, teacher_logits, labels)
-        sums["agree"], sums["teacher_entropy"] = loss_step.kd_health_sums(logits, teacher_logits, labels, self._ignore_index)
-        del logits, teacher_logits
+        if coefficients is not None:
+            with fused_output.hidden_states_out(self._model, self._teacher_model):
+                with self._activations_handling_ctx:
+                    hidden = self._model(tokens, mask=mask, input_pos=input_pos)
+                with torch.no_grad():
+                    teacher_hidden = self._teacher_model(tokens, mask=mask, input_pos=input_pos)
+            sums = fused_output.fused_output_token_sums(
+                hidden, fused_output.output_weight(self._model), teacher_hidden,
+                fused_output.output_weight(self._teacher_model), labels, self._losses.kd_loss,
+                ce_coef=coefficients["ce"], kd_coef=coefficients["kd"], chunk_size=self._fused_chunk_size,
+                chunk_fn=self._fused_chunk_fn,
+            )
+            del hidden, teacher_hidden
+        else:
+            with self._activations_handling_ctx:
+                logits = self._model(tokens, mask=mask, input_pos=input_pos)
+            with torch.no_grad():
+                teacher_logits = self._teacher_model(tokens, mask=mask, input_pos=input_pos)
+            sums = {"ce": self._losses.ce_token_sum(logits, labels)}
+            sums["kd"], _ = self._losses.kd_token_sum(logits, teacher_logits, labels)
+            sums["agree"], sums["teacher_entropy"] = loss_step.kd_health_sums(
+                logits, teacher_logits, labels, self._ignore_index
+            )
+            del logits, teacher_logits
 
         if self._aligner is not None:
             pair_sums, _ = self._aligner.token_sums(
@@ -394,6 +428,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         return loss_step.accumulate_gradients(
             batches, self._loss_step, self._weighting, self._ignore_index,
             reduce_sum=self._reduce_sum(), grad_scale=float(self.world_size),
+            fused_components=(["ce", "kd"] + (["ir"] if self._aligner is not None else [])) if self._fused else None,
         )
 
     def _micro_batches(self) -> Iterator[List[Dict[str, torch.Tensor]]]:

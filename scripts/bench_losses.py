@@ -29,7 +29,8 @@ from pathlib import Path
 
 METHODS = ["torchtune_forward_kl_chunked", "full_logits_torch_kl_div", "full_logits_ours_forward_kl"] + [
     f"ours_{name}_chunked" for name in ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
-]
+] + ["ours_fused_forward_kl", "ours_fused_jsd"]
+PLAIN = "full_logits_torch_kl_div"
 
 
 def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: int, threads: int) -> dict:
@@ -67,6 +68,21 @@ def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: 
         import kd_losses
 
         loss_fn, chunked = kd_losses.ForwardKLLoss(), False
+    elif method.startswith("ours_fused_"):
+        # fused_output: logits, CE and KD chunk by chunk from the hidden states; the logits never exist in full.
+        # It computes CE as well (weight 0 here), work the other methods do not do.
+        import kd_losses
+        from torchtune_kd.core.fused_output import fused_output_token_sums
+
+        divergence = kd_losses.DIVERGENCES[method[len("ours_fused_"):]][0]()
+        counted = (labels != -100).sum()
+
+        def fused_step():
+            sums = fused_output_token_sums(hidden, student_w, teacher_hidden, teacher_w, labels[0], divergence,
+                                           ce_coef=0.0, kd_coef=1.0 / counted, chunk_size=-(-tokens // chunks))
+            return sums["objective"]
+
+        loss_fn, chunked = None, None
     else:
         import kd_losses
 
@@ -77,6 +93,12 @@ def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: 
         hidden.grad = None
         student_w.grad = None
         start = time.perf_counter()
+        if chunked is None:
+            loss = fused_step()
+            loss.backward()
+            elapsed = time.perf_counter() - start
+            del loss
+            return elapsed
         if chunked:
             s = [h @ student_w.T for h in hidden[None].chunk(chunks, dim=1)]
             with torch.no_grad():
@@ -141,16 +163,23 @@ def main() -> None:
                 results[method] = json.loads(out.stdout.strip().splitlines()[-1])
             rounds.append(results)
         print(f"\n(tokens, vocab) = ({tokens}, {vocab})")
-        print("| method | time (s) | peak memory (MiB) | time / torchtune | (range over rounds) | memory / torchtune |")
-        print("|---|---|---|---|---|---|")
+        plain = PLAIN in methods
+        print("| method | time (s) | peak memory (MiB) | time / torchtune | (range over rounds) | memory / torchtune |"
+              + (" time / plain | memory / plain |" if plain else ""))
+        print("|---|---|---|---|---|---|" + ("---|---|" if plain else ""))
         base_peak = max(r[baseline]["peak_mib"] for r in rounds)
+        plain_peak = max(r[PLAIN]["peak_mib"] for r in rounds) if plain else float("nan")
         for method in methods:
             seconds = statistics.median(r[method]["seconds"] for r in rounds)
             ratios = sorted(r[method]["seconds"] / r[baseline]["seconds"] for r in rounds)
             peak = max(r[method]["peak_mib"] for r in rounds)
             m_ratio = peak / base_peak if base_peak > 0 else float("nan")
-            print(f"| {method} | {seconds:.3f} | {peak:.0f} | {statistics.median(ratios):.2f} | "
-                  f"{ratios[0]:.2f}–{ratios[-1]:.2f} | {m_ratio:.2f} |")
+            row = (f"| {method} | {seconds:.3f} | {peak:.0f} | {statistics.median(ratios):.2f} | "
+                   f"{ratios[0]:.2f}–{ratios[-1]:.2f} | {m_ratio:.2f} |")
+            if plain:
+                vs_plain = statistics.median(r[method]["seconds"] / r[PLAIN]["seconds"] for r in rounds)
+                row += f" {vs_plain:.2f} | {peak / plain_peak if plain_peak > 0 else float('nan'):.2f} |"
+            print(row)
     if args.json:
         args.json.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "json"}, "cases": report}, indent=1, default=str))
 

@@ -264,3 +264,54 @@ def test_compile_matches_eager(tiny_assets, assets_root, tmp_path):
         compiled_values = [v for _, v in compiled_metrics[key]]
         assert len(compiled_values) == 2
         assert compiled_values == pytest.approx(eager_values, rel=1e-4), key
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_fused_output_pass_matches_the_unfused_recipe_step_by_step(tiny_assets, assets_root, tmp_path, kind):
+    """fused_output: the same run (JSD + cosine IR, dynamic scaling, accumulation, temperature 2) without ever
+    materialising either model's logits: the same logged values and the same final weights."""
+    common = [*(LORA_OVERRIDES if kind == "lora" else []), "max_steps_per_epoch=3", "gradient_accumulation_steps=2",
+              "loss_scaling.method=dynamic", "kd_loss.temperature=2.0", "seed=4"]
+    runs = {}
+    for name, extra in (("unfused", []), ("fused", ["fused_output.enabled=true", "fused_output.chunk_size=100"])):
+        out = tmp_path / name
+        cfg = tiny_config(assets_root, out, [*common, *extra])
+        recipe = RECIPE.KDRecipeSingleDevice(cfg=cfg)
+        recipe.setup(cfg=cfg)
+        calls = []
+        for model in (recipe._model, recipe._teacher_model):
+            model.output.register_forward_hook(lambda *args: calls.append(1))
+        recipe.train()
+        recipe.cleanup()
+        # Fused: neither output projection ever ran as a module (no full logits); unfused: every forward.
+        assert (len(calls) == 0) == (name == "fused"), len(calls)
+        runs[name] = {k: dict(v) for k, v in run_logs.read_disk_log(out / "logs").items()
+                      if k not in ("tokens_per_second", "peak_memory_rss_gib")}
+    assert runs["fused"].keys() == runs["unfused"].keys()
+    for key, values in runs["unfused"].items():
+        for step, value in values.items():
+            assert runs["fused"][key][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, step)
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "unfused" / "epoch_0" / "model-00001-of-00001.safetensors")
+    b = load_file(tmp_path / "fused" / "epoch_0" / "model-00001-of-00001.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fused_output_pass_compiles(tiny_assets, assets_root, tmp_path):
+    """compile: true with fused_output compiles the per-chunk computation (dynamo holds code for it) and trains as
+    the eager fused pass does."""
+    common = ["max_steps_per_epoch=2", "shuffle=false", "fused_output.enabled=true", "fused_output.chunk_size=64"]
+    run_recipe(tiny_config(assets_root, tmp_path / "eager", common), RECIPE)
+    compiled = run_recipe(tiny_config(assets_root, tmp_path / "compiled", [*common, "compile=true"]), RECIPE)
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from torchtune_kd.core import fused_output
+
+    assert compiled._fused_chunk_fn is not None
+    assert _debug_get_cache_entry_list(fused_output.chunk_sums_and_grad.__code__)
+    eager_metrics = run_logs.read_disk_log(tmp_path / "eager" / "logs")
+    compiled_metrics = run_logs.read_disk_log(tmp_path / "compiled" / "logs")
+    for key in ("loss", "ce_loss", "kd_loss", "ir_loss", "grad_norm", "kd/top1_agreement"):
+        assert [v for _, v in compiled_metrics[key]] == pytest.approx([v for _, v in eager_metrics[key]], rel=1e-4), key

@@ -167,3 +167,25 @@ def test_fsdp_keys_are_checked_for_the_distributed_recipe_and_noted_for_the_sing
     assert "custom_sharded_layers='output' must be a list of module names" in str(info.value)
     facts = preflight.validate_config(load("distributed_3B_to_1B.yaml"), check_files=False, check_device=False)
     assert any("only apply to recipes/knowledge_distillation_distributed.py" in notice for notice in facts.notices)
+
+
+@pytest.mark.parametrize(
+    "overrides, world_size, match",
+    [
+        (["fused_output.enabled=maybe"], None, r"fused_output.enabled='maybe' must be true or false"),
+        (["fused_output.enabled=true", "fused_output.chunk_size=0"], None, r"fused_output.chunk_size=0 must be an integer >= 1"),
+        (["fused_output.enabeld=true"], None, r"unknown key 'fused_output.enabeld': did you mean 'fused_output.enabled'\?"),
+        (["fused_output.enabled=true", "model.apply_lora_to_output=true"], None, r"set model.apply_lora_to_output=false"),
+        (["fused_output.enabled=true"], 2, r"not supported by the distributed recipe yet"),
+    ],
+)
+def test_fused_output_settings_are_checked(overrides, world_size, match):
+    with pytest.raises(preflight.ConfigError, match=match):
+        preflight.validate_config(load("distillation.yaml", *overrides), check_files=False, check_device=False,
+                                  world_size=world_size)
+
+
+def test_fused_output_validates_on_the_real_config():
+    facts = preflight.validate_config(load("distillation.yaml", "fused_output.enabled=true"), check_files=False,
+                                      check_device=False)
+    assert facts.student_vocab == 128256

@@ -173,6 +173,11 @@ def compile_losses(ce_token_sum: Callable, kd_loss: torch.nn.Module) -> tuple[Ca
     return ce, torch.compile(kd_loss.token_sum, backend=backend)
 
 
+# The components a fused output pass computes together, and the key of their differentiable weighted sum.
+FUSED = ("ce", "kd")
+FUSED_OBJECTIVE = "objective"
+
+
 def accumulate_gradients(
     batches: Sequence[dict],
     loss_step: Callable[[dict], dict],
@@ -181,6 +186,7 @@ def accumulate_gradients(
     *,
     reduce_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     grad_scale: float = 1.0,
+    fused_components: Optional[Sequence[str]] = None,
 ) -> tuple[dict, dict]:
     """Forward and backward every micro-batch of one optimiser step, without a host sync.
 
@@ -199,6 +205,10 @@ def accumulate_gradients(
         ignore_index (int): label value that does not count.
         reduce_sum (Optional[Callable]): sums a tensor over data-parallel ranks (``None``: one process).
         grad_scale (float): factor on every backward (the world size under gradient-averaging data parallelism).
+        fused_components (Optional[Sequence[str]]): the step's components, for a loss step that computes CE and KD
+            with their gradients in one fused pass (``fused_output``): it is then called as
+            ``loss_step(batch, {"ce": w_ce / label_tokens, "kd": w_kd / label_tokens})`` (weights known before the
+            first forward) and returns the differentiable ``objective`` of those two next to their detached sums.
 
     Returns:
         tuple[dict, dict]: the step's (global) means (``loss`` and each sum's key) and ``label_tokens`` as detached
@@ -216,12 +226,21 @@ def accumulate_gradients(
     label_divisor, real_divisor = n_label.clamp(min=1), n_real.clamp(min=1)
     totals: dict[str, torch.Tensor] = {}
     weights: Optional[dict[str, float]] = None
+    coefficients = None
+    if fused_components is not None:
+        weights = weighting.weights(fused_components)
+        coefficients = {c: weights.get(c, 0.0) / label_divisor for c in FUSED}
     for batch in batches:
-        sums = loss_step(batch)
+        sums = loss_step(batch) if coefficients is None else loss_step(batch, coefficients)
+        fused_objective = sums.pop(FUSED_OBJECTIVE, None)
         means = {k: v / (real_divisor if k == "ir" or k.startswith("ir/") else label_divisor) for k, v in sums.items()}
         if weights is None:
             weights = weighting.weights([c for c in COMPONENTS if c in means])
-        objective = sum(weights[c] * means[c] for c in weights if c in means)
+        if fused_objective is None:
+            objective = sum(weights[c] * means[c] for c in weights if c in means)
+        else:
+            # CE and KD are already in the fused objective (with their gradients); the rest goes through autograd.
+            objective = fused_objective + sum(weights[c] * means[c] for c in weights if c in means and c not in FUSED)
         if objective.requires_grad:
             (objective * grad_scale if grad_scale != 1.0 else objective).backward()
         for key, value in (*means.items(), ("loss", objective)):

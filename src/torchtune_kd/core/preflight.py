@@ -44,7 +44,7 @@ KNOWN_TOP_LEVEL_KEYS = frozenset(
         "enable_activation_offloading", "profiler", "low_cpu_ram", "cudnn_deterministic_mode",
         # torchtune-kd additions
         "layer_mapping", "ir_loss", "loss_scaling", "projection_lr_multiplier", "save_projections",
-        "save_every_n_steps", "keep_last_n", "overwrite_output_dir", "max_nonfinite_steps",
+        "save_every_n_steps", "keep_last_n", "overwrite_output_dir", "max_nonfinite_steps", "fused_output",
         # the distributed recipe (torchtune's distributed recipes' names)
         *("fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers"),
     }
@@ -999,6 +999,58 @@ def _check_sample_count(cfg: DictConfig, dataset: Any, problems: list[str], worl
         )
 
 
+FUSED_OUTPUT_KEYS = frozenset({"enabled", "chunk_size"})
+
+
+def _check_fused_output(cfg: DictConfig, world_size: Optional[int], problems: list[str]) -> None:
+    """``fused_output: {enabled, chunk_size}``: what the fused output + loss pass supports."""
+    fused = cfg.get("fused_output", None)
+    if fused is None:
+        return
+    if not isinstance(fused, DictConfig):
+        problems.append(f"fused_output={_show(fused)} must be a mapping, e.g. fused_output: {{enabled: true, chunk_size: 1024}}")
+        return
+    for key in fused.keys():
+        if key not in FUSED_OUTPUT_KEYS:
+            close = difflib.get_close_matches(str(key), sorted(FUSED_OUTPUT_KEYS), n=1)
+            fix = f"did you mean 'fused_output.{close[0]}'?" if close else f"the keys are {sorted(FUSED_OUTPUT_KEYS)}"
+            problems.append(f"unknown key 'fused_output.{key}': {fix}")
+    enabled = fused.get("enabled", False)
+    if not isinstance(enabled, bool):
+        problems.append(f"fused_output.enabled={enabled!r} must be true or false")
+        return
+    chunk = fused.get("chunk_size", 1024)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        problems.append(f"fused_output.chunk_size={chunk!r} must be an integer >= 1 (tokens per chunk, e.g. 1024)")
+    if not enabled:
+        return
+    if world_size is not None:
+        problems.append(
+            "fused_output.enabled=true is not supported by the distributed recipe yet (the output weight is sharded): "
+            "set fused_output.enabled=false there, or run the single-device recipe"
+        )
+    model = cfg.get("model", None)
+    if isinstance(model, DictConfig) and model.get("apply_lora_to_output", False) is True:
+        problems.append(
+            "fused_output.enabled=true computes the student's logits from model.output's weight, which LoRA on the "
+            "output layer would change: set model.apply_lora_to_output=false or fused_output.enabled=false"
+        )
+    kd = cfg.get("kd_loss", None)
+    if isinstance(kd, DictConfig) and isinstance(kd.get("_component_", None), str):
+        from torchtune.config._utils import _get_component_from_path
+
+        try:
+            kd_class = _get_component_from_path(kd._component_)
+        except Exception:
+            return  # reported where kd_loss is checked
+        if not hasattr(kd_class, "_block_value_and_grad"):
+            problems.append(
+                f"fused_output.enabled=true needs a kd_losses divergence (it uses their hand-derived gradients), but "
+                f"kd_loss._component_={kd._component_!r} is not one: use e.g. kd_losses.ForwardKLLoss, or "
+                "fused_output.enabled=false"
+            )
+
+
 def _check_fsdp(cfg: DictConfig, world_size: Optional[int], problems: list[str], notices: list[str]) -> None:
     present = [key for key in FSDP_KEYS if cfg.get(key, None) is not None]
     if world_size is None:
@@ -1085,6 +1137,7 @@ def validate_config(
     _check_int(cfg, "batch_size", problems, minimum=1)
     _check_int(cfg, "epochs", problems, minimum=1)
     _check_fsdp(cfg, world_size, problems, notices)
+    _check_fused_output(cfg, world_size, problems)
     _check_int(cfg, "gradient_accumulation_steps", problems, minimum=1)
     _check_int(cfg, "log_every_n_steps", problems, minimum=1)
     _check_int(cfg, "max_steps_per_epoch", problems, minimum=1, optional=True)
