@@ -131,6 +131,12 @@ class KDRecipeDistributed(KDRecipeSingleDevice):
     def _load_projection_state(self, state: Dict[str, torch.Tensor]) -> None:
         distributed.copy_full_state_dict(self._aligner.projections, state)
 
+    def _output_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole output weights for the fused pass: a sharded one is all-gathered; the student's gradient then comes
+        back averaged over ranks, as FSDP averages every other gradient."""
+        student, teacher = super()._output_weights()
+        return distributed.gathered_for_compute(student), distributed.gathered_for_compute(teacher)
+
     def _rng_state(self) -> Dict[str, Any]:
         own = super()._rng_state()
         every = [None] * self.world_size

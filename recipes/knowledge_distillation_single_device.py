@@ -135,6 +135,10 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         """Data-parallel hook: load full projection weights written by either recipe."""
         self._aligner.projections.load_state_dict(state)
 
+    def _output_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data-parallel hook: the student's and the teacher's output-projection weights for the fused pass, whole."""
+        return fused_output.output_weight(self._model), fused_output.output_weight(self._teacher_model)
+
     def _rng_state(self) -> Dict[str, Any]:
         """Data-parallel hook: the RNG states to save (dropout draws from them)."""
         return {
@@ -395,9 +399,9 @@ class KDRecipeSingleDevice(FTRecipeInterface):
                     hidden = self._model(tokens, mask=mask, input_pos=input_pos)
                 with torch.no_grad():
                     teacher_hidden = self._teacher_model(tokens, mask=mask, input_pos=input_pos)
+            student_weight, teacher_weight = self._output_weights()
             sums = fused_output.fused_output_token_sums(
-                hidden, fused_output.output_weight(self._model), teacher_hidden,
-                fused_output.output_weight(self._teacher_model), labels, self._losses.kd_loss,
+                hidden, student_weight, teacher_hidden, teacher_weight, labels, self._losses.kd_loss,
                 ce_coef=coefficients["ce"], kd_coef=coefficients["kd"], chunk_size=self._fused_chunk_size,
                 chunk_fn=self._fused_chunk_fn,
             )

@@ -4,7 +4,9 @@
 Each measurement runs in a fresh process (so peak memory is that case's alone): the logits come from an output
 projection, ``hidden (tokens, dim) @ weight (vocab, dim)^T``, split into chunks the way torchtune's
 ``set_num_output_chunks`` does, and forward + backward go through the projection, as in a recipe. Two unchunked
-baselines: plain PyTorch (``F.kl_div`` on full logits, autograd) and our ``ForwardKLLoss`` on full logits. Reported per
+baselines: plain PyTorch (``F.kl_div`` on full logits, autograd; and JSD written the same way) and our ``ForwardKLLoss``
+on full logits. The fused rows (``fused_output``: logits, CE and KD chunk by chunk from the hidden states, never the
+full logits; CE with weight 0, still computed) are also compared with the plain case of their divergence. Reported per
 method: median wall time of forward+backward over ``--repeats`` (after one warm-up) and the peak resident memory
 above the process's memory once the inputs exist (``ru_maxrss``), each also as a ratio to torchtune's
 ``ForwardKLWithChunkedOutputLoss``.
@@ -29,11 +31,14 @@ from pathlib import Path
 
 METHODS = ["torchtune_forward_kl_chunked", "full_logits_torch_kl_div", "full_logits_ours_forward_kl"] + [
     f"ours_{name}_chunked" for name in ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
-] + ["ours_fused_forward_kl", "ours_fused_jsd"]
+] + ["full_logits_torch_jsd", "ours_fused_forward_kl", "ours_fused_jsd"]
 PLAIN = "full_logits_torch_kl_div"
+# The plain full-logits case each fused row is compared with: the same divergence, written the obvious way.
+PLAIN_OF = {"ours_fused_forward_kl": PLAIN, "ours_fused_jsd": "full_logits_torch_jsd"}
 
 
-def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: int, threads: int) -> dict:
+def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: int, threads: int,
+          device: str = "cpu", dtype: str = "fp32", teacher_dim: int = 0) -> dict:
     import resource
     import statistics
     import time
@@ -42,12 +47,20 @@ def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: 
 
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
-    hidden = (torch.randn(tokens, dim, generator=generator) / dim**0.5).requires_grad_(True)
-    student_w = (torch.randn(vocab, dim, generator=generator) * 2).requires_grad_(True)
-    teacher_w = torch.randn(vocab, dim, generator=generator) * 2
-    teacher_hidden = torch.randn(tokens, dim, generator=generator) / dim**0.5
+    teacher_dim = teacher_dim or dim
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+
+    def make(*shape, scale):
+        return (torch.randn(*shape, generator=generator) * scale).to(device=device, dtype=dt)
+
+    hidden = make(tokens, dim, scale=dim**-0.5).requires_grad_(True)
+    student_w = make(vocab, dim, scale=2.0).requires_grad_(True)
+    teacher_w = make(vocab, teacher_dim, scale=2.0)
+    teacher_hidden = make(tokens, teacher_dim, scale=teacher_dim**-0.5)
     labels = torch.randint(0, vocab, (1, tokens), generator=generator)
     labels[0, ::7] = -100
+    labels = labels.to(device)
+    cuda = device.startswith("cuda")
 
     if method == "torchtune_forward_kl_chunked":
         from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
@@ -60,6 +73,21 @@ def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: 
         def loss_fn(student, teacher, labels):
             per_token = F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1),
                                  log_target=True, reduction="none").sum(-1)
+            keep = labels != -100
+            return (per_token * keep).sum() / keep.sum().clamp(min=1)
+
+        chunked = False
+    elif method == "full_logits_torch_jsd":
+        # JSD (λ = 1/2) the obvious way on full logits: log-mixture with logaddexp, F.kl_div, autograd.
+        import math
+
+        import torch.nn.functional as F
+
+        def loss_fn(student, teacher, labels):
+            s_logp, t_logp = F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1)
+            log_m = torch.logaddexp(s_logp + math.log(0.5), t_logp + math.log(0.5))
+            per_token = 0.5 * (F.kl_div(log_m, s_logp, log_target=True, reduction="none").sum(-1)
+                               + F.kl_div(log_m, t_logp, log_target=True, reduction="none").sum(-1))
             keep = labels != -100
             return (per_token * keep).sum() / keep.sum().clamp(min=1)
 
@@ -113,17 +141,36 @@ def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: 
         del s, t, loss
         return elapsed
 
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step()  # warm-up
-    times = [step() for _ in range(repeats)]
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"method": method, "seconds": statistics.median(times), "peak_mib": (peak_rss - base_rss) / 1024}
+    def timed() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    if cuda:
+        base = torch.cuda.memory_allocated()
+        timed()  # warm-up
+        torch.cuda.reset_peak_memory_stats()
+        times = [timed() for _ in range(repeats)]
+        peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        timed()  # warm-up
+        times = [timed() for _ in range(repeats)]
+        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    return {"method": method, "seconds": statistics.median(times), "peak_mib": peak_mib}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="2048x32000,1024x128256", help="comma list of TOKENSxVOCAB")
     parser.add_argument("--dim", type=int, default=512, help="hidden size of the output projection")
+    parser.add_argument("--teacher-dim", type=int, default=0, help="the teacher's hidden size (default: --dim)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory: RSS on CPU, allocated on CUDA)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="sweeps over all methods, interleaved")
@@ -138,14 +185,16 @@ def main() -> None:
 
     if args.child:
         method, tokens, vocab = args.child.split(":")
-        print(json.dumps(child(method, int(tokens), int(vocab), args.dim, args.chunks, args.repeats, args.threads)))
+        print(json.dumps(child(method, int(tokens), int(vocab), args.dim, args.chunks, args.repeats, args.threads,
+                               args.device, args.dtype, args.teacher_dim)))
         return
 
     methods = args.methods.split(",")
     baseline = "torchtune_forward_kl_chunked"
     if baseline not in methods:
         parser.error(f"--methods must include {baseline}, the baseline of every ratio")
-    print(f"fp32, CPU, {args.threads} threads, dim {args.dim}, {args.chunks} chunks, median of {args.repeats} "
+    print(f"{args.dtype}, {args.device}, {args.threads} threads, dim {args.dim}/{args.teacher_dim or args.dim}, "
+          f"{args.chunks} chunks, median of {args.repeats} "
           f"forward+backward passes (after a warm-up), each method in a fresh process, {args.rounds} round(s)")
     report: dict[str, list[dict[str, dict]]] = {}
     for case in args.cases.split(","):
@@ -157,6 +206,7 @@ def main() -> None:
             for method in methods:
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", f"{method}:{tokens}:{vocab}", "--dim", str(args.dim),
+                     "--teacher-dim", str(args.teacher_dim), "--device", args.device, "--dtype", args.dtype,
                      "--chunks", str(args.chunks), "--repeats", str(args.repeats), "--threads", str(args.threads)],
                     capture_output=True, text=True, check=True,
                 )
@@ -168,8 +218,9 @@ def main() -> None:
               + (" time / plain | memory / plain |" if plain else ""))
         print("|---|---|---|---|---|---|" + ("---|---|" if plain else ""))
         base_peak = max(r[baseline]["peak_mib"] for r in rounds)
-        plain_peak = max(r[PLAIN]["peak_mib"] for r in rounds) if plain else float("nan")
         for method in methods:
+            reference = PLAIN_OF.get(method, PLAIN) if PLAIN_OF.get(method) in methods else PLAIN
+            plain_peak = max(r[reference]["peak_mib"] for r in rounds) if plain else float("nan")
             seconds = statistics.median(r[method]["seconds"] for r in rounds)
             ratios = sorted(r[method]["seconds"] / r[baseline]["seconds"] for r in rounds)
             peak = max(r[method]["peak_mib"] for r in rounds)
@@ -177,7 +228,7 @@ def main() -> None:
             row = (f"| {method} | {seconds:.3f} | {peak:.0f} | {statistics.median(ratios):.2f} | "
                    f"{ratios[0]:.2f}–{ratios[-1]:.2f} | {m_ratio:.2f} |")
             if plain:
-                vs_plain = statistics.median(r[method]["seconds"] / r[PLAIN]["seconds"] for r in rounds)
+                vs_plain = statistics.median(r[method]["seconds"] / r[reference]["seconds"] for r in rounds)
                 row += f" {vs_plain:.2f} | {peak / plain_peak if plain_peak > 0 else float('nan'):.2f} |"
             print(row)
     if args.json:

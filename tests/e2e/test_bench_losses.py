@@ -1,4 +1,4 @@
-"""The loss benchmark runs end to end (a smoke test; the numbers themselves are never asserted: timing tests lie)."""
+"""The benchmarks run end to end (smoke tests; the numbers themselves are never asserted: timing tests lie)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_quick_benchmark_writes_every_measurement(tmp_path: Path) -> None:
-    methods = ["torchtune_forward_kl_chunked", "ours_jsd_chunked", "ours_skew_reverse_kl_chunked"]
+    methods = ["torchtune_forward_kl_chunked", "full_logits_torch_jsd", "ours_jsd_chunked", "ours_skew_reverse_kl_chunked",
+               "ours_fused_jsd"]
     out = tmp_path / "bench.json"
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_losses.py"), "--quick", "--rounds", "2", "--threads", "1",
@@ -26,3 +27,19 @@ def test_quick_benchmark_writes_every_measurement(tmp_path: Path) -> None:
         for method, result in measurements.items():
             assert result["method"] == method
             assert result["seconds"] > 0 and result["peak_mib"] >= 0
+
+
+def test_recipe_benchmark_runs_both_recipes(tmp_path: Path) -> None:
+    """scripts/bench_recipe.py end to end on a small vocabulary (a smoke test: its numbers are never asserted)."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_recipe.py"), "--vocab", "1280", "--rounds", "1", "--steps", "2",
+         "--warmup", "1", "--variants", "upstream,ours_seed_fused", "--workdir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rounds = json.loads(out.read_text())["rounds"]
+    assert sorted(rounds[0]) == ["ours_seed_fused", "upstream"]
+    for measurement in rounds[0].values():
+        assert measurement["tokens_per_second"] > 0 and measurement["max_rss_mib"] > 0 and measurement["steps"] == 2
+    assert "| ours_seed_fused |" in result.stdout

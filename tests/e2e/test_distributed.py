@@ -188,9 +188,11 @@ def test_blend_unchunked_packed_checkpointing_and_compile_match_too(assets_root,
     assert_same_weights(tmp_path / "single" / "epoch_0", tmp_path / "dist" / "epoch_0")
 
 
-def test_tied_embeddings_full_fine_tune_matches_too(assets_root, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_tied_embeddings_full_fine_tune_matches_too(assets_root, tmp_path, fused):
     """Llama 3.2's tied output/embedding (the 8B -> 1B config's full fine-tune student): the shared weight gets both
-    gradients on every rank; ``custom_sharded_layers`` leaves the tied pair in the root unit."""
+    gradients on every rank; ``custom_sharded_layers`` leaves the tied pair in the root unit. Also with the fused
+    output pass, whose output weight is gathered from its shards and whose gradient is averaged like FSDP's."""
     from torchtune_kd.testing import standins
 
     tied = "torchtune.models.llama3_2._component_builders.llama3_2"
@@ -201,18 +203,36 @@ def test_tied_embeddings_full_fine_tune_matches_too(assets_root, tmp_path):
         standins.write_random_checkpoint(probe[key], tmp_path / folder, dtype=torch.float32, seed=seed)
     models += [f"checkpointer.checkpoint_dir={tmp_path / 'student'}", f"teacher_checkpointer.checkpoint_dir={tmp_path / 'teacher'}",
                "epochs=1", "max_steps_per_epoch=3", "gradient_accumulation_steps=2", "seed=5"]
+    if fused:
+        models += ["fused_output.enabled=true", "fused_output.chunk_size=96"]
     run_recipe(tiny_config(assets_root, tmp_path / "single", [*models, f"batch_size={SINGLE_BATCH}"]))
     dist_cfg = tiny_config(assets_root, tmp_path / "dist", [*models, f"batch_size={DIST_BATCH}",
                                                              "custom_sharded_layers=[tok_embeddings,output]"])
     result = run_distributed(dist_cfg, tmp_path / "dist")
     assert result.returncode == 0, result.stdout[-6000:]
     assert "ties its output to tok_embeddings" in result.stdout
+    assert ("Fused output pass" in result.stdout) is fused
     assert_same_logs(logged(tmp_path / "single" / "logs"), logged(tmp_path / "dist" / "logs"), steps=range(1, 4))
     assert_same_weights(tmp_path / "single" / "epoch_0", tmp_path / "dist" / "epoch_0")
     exported = load_file(tmp_path / "dist" / "epoch_0" / "model-00001-of-00001.safetensors")
     assert "lm_head.weight" not in exported  # still tied in the export
     start = load_file(tmp_path / "student" / "model.safetensors")["model.embed_tokens.weight"]
     assert not torch.allclose(exported["model.embed_tokens.weight"], start)
+
+
+@pytest.mark.parametrize("kind", sorted(KIND))
+def test_fused_output_pass_matches_single_device(assets_root, tmp_path, kind):
+    """fused_output on two processes (an untied output weight sharded on its own: trained in a full fine-tune, frozen
+    under LoRA)."""
+    extra = [*KIND[kind], "fused_output.enabled=true", "fused_output.chunk_size=100", "epochs=1",
+             "max_steps_per_epoch=3", "gradient_accumulation_steps=2", "loss_scaling.method=dynamic", "seed=8"]
+    run_recipe(tiny_config(assets_root, tmp_path / "single", [*extra, f"batch_size={SINGLE_BATCH}"]))
+    # The output projection as its own FSDP unit: its weight is still sharded when the fused pass gathers it.
+    dist_cfg = tiny_config(assets_root, tmp_path / "dist", [*extra, f"batch_size={DIST_BATCH}", "custom_sharded_layers=[output]"])
+    result = run_distributed(dist_cfg, tmp_path / "dist")
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert_same_logs(logged(tmp_path / "single" / "logs"), logged(tmp_path / "dist" / "logs"), steps=range(1, 4))
+    assert_same_weights(tmp_path / "single" / "epoch_0", tmp_path / "dist" / "epoch_0")
 
 
 # ------------------------------------------------------------------------------------------ a failing rank

@@ -176,7 +176,6 @@ def test_fsdp_keys_are_checked_for_the_distributed_recipe_and_noted_for_the_sing
         (["fused_output.enabled=true", "fused_output.chunk_size=0"], None, r"fused_output.chunk_size=0 must be an integer >= 1"),
         (["fused_output.enabeld=true"], None, r"unknown key 'fused_output.enabeld': did you mean 'fused_output.enabled'\?"),
         (["fused_output.enabled=true", "model.apply_lora_to_output=true"], None, r"set model.apply_lora_to_output=false"),
-        (["fused_output.enabled=true"], 2, r"not supported by the distributed recipe yet"),
     ],
 )
 def test_fused_output_settings_are_checked(overrides, world_size, match):

@@ -63,6 +63,35 @@ def full_tensor(value: Any) -> Any:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
+class _AverageGradient(torch.autograd.Function):
+    """Identity forward; backward averages the gradient over ranks (what FSDP does with every other gradient)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad.div_(dist.get_world_size())
+
+
+def gathered_for_compute(value: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from a (possibly) sharded parameter, for computing outside its module's forward.
+
+    A DTensor is all-gathered (``full_tensor``). Its backward only slices each rank's own gradient onto its shard (a
+    gathered tensor is taken to be the same everywhere), so the gradient is first averaged over ranks, as FSDP
+    averages every other gradient. A plain tensor (e.g. a parameter FSDP left unsharded after the forward, whose
+    gradient FSDP reduces itself) is returned as it is.
+    """
+    if not isinstance(value, DTensor):
+        return value
+    if not value.requires_grad:
+        return value.full_tensor()
+    return _AverageGradient.apply(value.full_tensor())
+
+
 def full_state_dict(
     module: nn.Module, *, keep: Callable[[str], bool] = lambda name: True, to_cpu_on: bool = True
 ) -> dict[str, torch.Tensor]:

@@ -53,8 +53,8 @@ def chunk_sums_and_grad(
     s_logp = torch.log_softmax(z_s, dim=-1)
     t_logp = torch.log_softmax(z_t, dim=-1)
     agree = ((s_logp.argmax(-1) == t_logp.argmax(-1)) & keep).sum().float()
-    # 0 · log 0 = 0 for masked (-inf) vocabulary entries.
-    row_entropy = -(t_logp.exp() * t_logp.masked_fill(torch.isinf(t_logp), 0.0)).sum(-1)
+    # entr(p) = -p log p, with entr(0) = 0 for masked (-inf) vocabulary entries.
+    row_entropy = torch.special.entr(t_logp.exp()).sum(-1)
     entropy = torch.where(keep, row_entropy, zero).sum()
     # CE: value -log p[label], gradient softmax - onehot (counted rows only).
     safe = torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(1)
@@ -68,9 +68,13 @@ def chunk_sums_and_grad(
         t_logp = torch.log_softmax(z_t.div_(temperature), dim=-1)
     values, kd_grad = kd_loss.value_and_grad(s_logp, t_logp)
     kd = torch.where(keep, values, zero).sum() * temperature**2
-    # ∂(T²·L(z/T))/∂z = T·∂L/∂(z/T); ignored rows are zeroed by where(), not multiplication (they may be inf/nan).
+    # ∂(T²·L(z/T))/∂z = T·∂L/∂(z/T).
     grad = grad.mul_(ce_coef).add_(kd_grad.mul_(kd_coef * temperature if temperature != 1.0 else kd_coef))
-    grad = torch.where(keep.unsqueeze(1), grad, zero)
+    # Fills, not multiplication: an ignored row may be inf/nan. By index on CPU (only those rows are touched).
+    if grad.device.type == "cpu" and not torch.compiler.is_compiling():
+        grad.index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
+    else:
+        grad.masked_fill_(~keep.unsqueeze(1), 0.0)
     return ce, kd, agree, entropy, grad
 
 

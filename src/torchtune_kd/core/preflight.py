@@ -1002,7 +1002,7 @@ def _check_sample_count(cfg: DictConfig, dataset: Any, problems: list[str], worl
 FUSED_OUTPUT_KEYS = frozenset({"enabled", "chunk_size"})
 
 
-def _check_fused_output(cfg: DictConfig, world_size: Optional[int], problems: list[str]) -> None:
+def _check_fused_output(cfg: DictConfig, problems: list[str]) -> None:
     """``fused_output: {enabled, chunk_size}``: what the fused output + loss pass supports."""
     fused = cfg.get("fused_output", None)
     if fused is None:
@@ -1024,11 +1024,6 @@ def _check_fused_output(cfg: DictConfig, world_size: Optional[int], problems: li
         problems.append(f"fused_output.chunk_size={chunk!r} must be an integer >= 1 (tokens per chunk, e.g. 1024)")
     if not enabled:
         return
-    if world_size is not None:
-        problems.append(
-            "fused_output.enabled=true is not supported by the distributed recipe yet (the output weight is sharded): "
-            "set fused_output.enabled=false there, or run the single-device recipe"
-        )
     model = cfg.get("model", None)
     if isinstance(model, DictConfig) and model.get("apply_lora_to_output", False) is True:
         problems.append(
@@ -1137,7 +1132,7 @@ def validate_config(
     _check_int(cfg, "batch_size", problems, minimum=1)
     _check_int(cfg, "epochs", problems, minimum=1)
     _check_fsdp(cfg, world_size, problems, notices)
-    _check_fused_output(cfg, world_size, problems)
+    _check_fused_output(cfg, problems)
     _check_int(cfg, "gradient_accumulation_steps", problems, minimum=1)
     _check_int(cfg, "log_every_n_steps", problems, minimum=1)
     _check_int(cfg, "max_steps_per_epoch", problems, minimum=1, optional=True)

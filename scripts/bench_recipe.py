@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Whole-recipe benchmark: this project's recipe against torchtune 0.6.1's installed ``knowledge_distillation_single_device``.
+
+Same random models (teacher 4 layers x 512, LoRA student 2 layers x 256, vocabulary ``--vocab``), same data (~256-token
+samples built from the stand-in corpus), batch 4, the same number of steps, CPU fp32. Each variant is a fresh
+``tune run`` process; variants are interleaved within each of ``--rounds`` rounds, and every ratio is taken against
+upstream's run of the same round (these machines are noisy). Reported per variant: median over rounds of the median
+label tokens/s after ``--warmup`` steps (each recipe's own logged figure), the largest peak RSS of the process
+(``wait4``), and both as ratios to upstream.
+
+Variants: ``upstream`` (torchtune's forward KL, kd_ratio 0.5); ``ours_fkl`` (our forward KL, kd_ratio 0.5, no IR);
+``ours_seed`` (JSD + cosine IR on two layer pairs, manual scales 0.5/0.3/0.2: the seed's setup); each of ours also
+``_fused`` (``fused_output.enabled=true``).
+
+    python scripts/bench_recipe.py --vocab 128256 --rounds 3
+    python scripts/bench_recipe.py --vocab 32000 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # recipe_utils: configs merged by torchtune's own command-line code
+
+VARIANTS = ["upstream", "ours_fkl", "ours_fkl_fused", "ours_seed", "ours_seed_fused"]
+OURS_ONLY = ("layer_mapping", "ir_loss", "loss_scaling", "projection_lr_multiplier", "save_projections")
+LORA = [
+    "model._component_=torchtune.models.llama3.lora_llama3", "model.lora_attn_modules=[q_proj,v_proj,output_proj]",
+    "model.apply_lora_to_mlp=true", "model.apply_lora_to_output=false", "model.lora_rank=8", "model.lora_alpha=16",
+    "model.lora_dropout=0.0",
+]
+
+
+def shapes(vocab: int, student_dim: int = 256, teacher_dim: int = 512) -> list[str]:
+    """Teacher 4 layers, LoRA student 2 layers; 64-wide heads, SwiGLU width 8/3 of the model width."""
+    def block(key: str, layers: int, dim: int) -> list[str]:
+        heads = max(dim // 64, 1)
+        return [f"{key}.vocab_size={vocab}", f"{key}.num_layers={layers}", f"{key}.embed_dim={dim}",
+                f"{key}.num_heads={heads}", f"{key}.num_kv_heads={max(heads // 2, 1)}",
+                f"{key}.intermediate_dim={(dim * 8 // 3 + 15) // 16 * 16}"]
+
+    return [*block("model", 2, student_dim), *block("teacher_model", 4, teacher_dim)]
+
+
+def long_samples(assets: Path, out: Path, target_words: int = 190) -> Path:
+    """Alpaca records of ~256 tokens: consecutive stand-in records joined until about ``target_words`` words."""
+    records = json.loads((assets / "data" / "alpaca_train.json").read_text())
+    joined, current = [], None
+    for record in records * 4:
+        if current is None:
+            current = dict(record)
+            continue
+        current["output"] += " " + record["output"]
+        if len((current["instruction"] + current["input"] + current["output"]).split()) >= target_words:
+            joined.append(current)
+            current = None
+    out.write_text(json.dumps(joined))
+    return out
+
+
+def configs(
+    workdir: Path, vocab: int, steps: int, *, device: str = "cpu", dtype: str = "fp32", batch_size: int = 4,
+    student_dim: int = 256, teacher_dim: int = 512,
+) -> dict[str, tuple[str, Path]]:
+    """Every variant's (recipe, config file), with random checkpoints written once."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from recipe_utils import tiny_config
+    from torchtune_kd.testing import standins
+
+    assets = workdir / "assets"
+    standins.build_all(assets)
+    data = long_samples(assets, workdir / "long_samples.json")
+    common = [
+        *LORA, *shapes(vocab, student_dim, teacher_dim), f"dataset.data_files={data}", "tokenizer.max_seq_len=256",
+        f"batch_size={batch_size}", f"device={device}", f"dtype={dtype}",
+        "epochs=1", f"max_steps_per_epoch={steps}", "gradient_accumulation_steps=1", "seed=0", "shuffle=false",
+        "lr_scheduler.num_warmup_steps=1", f"log_peak_memory_stats={str(device.startswith('cuda')).lower()}", "kd_ratio=0.5",
+        "model.output_hidden_states=false", "teacher_model.output_hidden_states=false",
+    ]
+    probe = tiny_config(assets, workdir / "probe", common)
+    tag = f"v{vocab}_d{student_dim}-{teacher_dim}_{dtype}"
+    folders = {"model": workdir / f"student_{tag}", "teacher_model": workdir / f"teacher_{tag}"}
+    for seed, (key, folder) in enumerate(folders.items()):
+        # The LoRA student's base weights (adapters are left out of the checkpoint).
+        standins.write_random_checkpoint(probe[key], folder, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
+                                         seed=seed)
+    common += [f"checkpointer.checkpoint_dir={folders['model']}", f"teacher_checkpointer.checkpoint_dir={folders['teacher_model']}"]
+    ours_fkl = ["layer_mapping=null", "loss_scaling.enabled=false", "kd_loss._component_=kd_losses.ForwardKLWithChunkedOutputLoss",
+                "~kd_loss.lambda_weight"]
+    fused = ["fused_output.enabled=true", "fused_output.chunk_size=256"]
+    overrides = {
+        "ours_fkl": ours_fkl, "ours_fkl_fused": [*ours_fkl, *fused],
+        "ours_seed": ["model.output_hidden_states=true", "teacher_model.output_hidden_states=true"],
+    }
+    overrides["ours_seed_fused"] = [*overrides["ours_seed"], *fused]
+    result: dict[str, tuple[str, Path]] = {}
+    for variant in VARIANTS:
+        out = workdir / "runs" / f"{variant}_v{vocab}"
+        if variant == "upstream":
+            cfg = tiny_config(assets, out, [*common, "kd_loss._component_=torchtune.modules.loss.ForwardKLWithChunkedOutputLoss",
+                                            "~kd_loss.lambda_weight", f"metric_logger.log_dir={out / 'logs'}"])
+            for key in OURS_ONLY:
+                cfg.pop(key, None)
+            for key in ("model", "teacher_model"):  # our recipe's flag; torchtune's builders do not take it
+                cfg[key].pop("output_hidden_states", None)
+            recipe = "knowledge_distillation_single_device"
+        else:
+            cfg = tiny_config(assets, out, [*common, *overrides[variant], "overwrite_output_dir=true",
+                                            f"metric_logger.log_dir={out / 'logs'}"])
+            recipe = "recipes/knowledge_distillation_single_device.py"
+        path = workdir / f"{variant}_v{vocab}.yaml"
+        OmegaConf.save(cfg, path)
+        result[variant] = (recipe, path)
+    return result
+
+
+def run_once(recipe: str, config: Path, warmup: int, log: Path) -> dict:
+    """One fresh ``tune run``: median tokens/s after ``warmup`` steps and the process tree's peak RSS."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from torchtune_kd import tune_cli
+    from torchtune_kd.evaluation import run_logs
+
+    out = Path(OmegaConf.load(config).output_dir)
+    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own folder, rewritten each run
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    with log.open("w") as stdout:
+        process = subprocess.Popen(tune_cli.tune_run_command(recipe, config), cwd=REPO, env=env, stdout=stdout,
+                                   stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise SystemExit(f"{recipe} failed (status {status}); see {log}")
+    metrics = run_logs.read_disk_log(out / "logs")
+    key = "tokens_per_second" if "tokens_per_second" in metrics else "tokens_per_second_per_gpu"
+    rates = [value for step, value in metrics[key] if step > warmup]
+    result = {"tokens_per_second": statistics.median(rates), "max_rss_mib": usage.ru_maxrss / 1024, "steps": len(metrics[key])}
+    if "peak_memory_alloc" in metrics:  # CUDA: both recipes log torchtune's memory stats
+        result["gpu_peak_alloc_gib"] = max(value for _, value in metrics["peak_memory_alloc"])
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the throughput median")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--workdir", type=Path, default=REPO / "cache" / "bench_recipe")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--student-dim", type=int, default=256)
+    parser.add_argument("--teacher-dim", type=int, default=512)
+    args = parser.parse_args(argv)
+    variants = args.variants.split(",")
+    if "upstream" not in variants:
+        parser.error("--variants must include upstream, the baseline of every ratio")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    runs = configs(args.workdir.resolve(), args.vocab, args.steps, device=args.device, dtype=args.dtype,
+                   batch_size=args.batch_size, student_dim=args.student_dim, teacher_dim=args.teacher_dim)
+    rounds: list[dict[str, dict]] = []
+    for index in range(args.rounds):
+        results = {}
+        for variant in variants:
+            recipe, config = runs[variant]
+            results[variant] = run_once(recipe, config, args.warmup, args.workdir / f"{variant}_v{args.vocab}.log")
+            print(f"round {index + 1}: {variant}: {results[variant]}", flush=True)
+        rounds.append(results)
+    print(f"\n{args.device} {args.dtype}, {os.cpu_count()} cores, vocab {args.vocab}, teacher 4x{args.teacher_dim}, LoRA "
+          f"student 2x{args.student_dim}, batch {args.batch_size} x ~256 tokens, {args.steps} steps (median after "
+          f"{args.warmup}), {args.rounds} round(s), a fresh process per run; memory: peak RSS (host)")
+    print("| variant | label tokens/s | × upstream (range) | peak RSS (MiB) | × upstream |")
+    print("|---|---|---|---|---|")
+    if "gpu_peak_alloc_gib" in rounds[0]["upstream"]:
+        print("GPU peak allocated (GiB): " + ", ".join(
+            f"{v} {max(r[v]['gpu_peak_alloc_gib'] for r in rounds):.2f}" for v in variants))
+    for variant in variants:
+        speed = statistics.median(r[variant]["tokens_per_second"] for r in rounds)
+        ratios = sorted(r[variant]["tokens_per_second"] / r["upstream"]["tokens_per_second"] for r in rounds)
+        rss = max(r[variant]["max_rss_mib"] for r in rounds)
+        rss_ratio = statistics.median(r[variant]["max_rss_mib"] / r["upstream"]["max_rss_mib"] for r in rounds)
+        print(f"| {variant} | {speed:.0f} | {statistics.median(ratios):.2f} ({ratios[0]:.2f}–{ratios[-1]:.2f}) | "
+              f"{rss:.0f} | {rss_ratio:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

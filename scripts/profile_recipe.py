@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Where the single-device recipe spends a run's training time, by function (cProfile, cumulative).
+
+Runs ``train()`` of ``recipes/knowledge_distillation_single_device.py`` in-process on a config (e.g. one that
+``scripts/bench_recipe.py`` wrote) and prints the recipe's, the training core's, the losses' and torchtune's
+transformer calls with their cumulative time::
+
+    python scripts/profile_recipe.py cache/bench_recipe/ours_fkl_v32000.yaml --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import shutil
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+SHOWN = ("kd_losses", "torchtune_kd", "single_device", "modules/transformer", "cross_entropy", "function calls", "cumtime")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--output-dir", type=Path, default=REPO / "cache" / "profile_recipe")
+    parser.add_argument("--lines", type=int, default=45, help="functions read from the top of the profile")
+    args = parser.parse_args()
+
+    from omegaconf import OmegaConf
+
+    from recipe_utils import load_recipe_module
+
+    cfg = OmegaConf.load(args.config)
+    cfg.output_dir = str(args.output_dir)
+    cfg.checkpointer.output_dir = str(args.output_dir)
+    cfg.metric_logger.log_dir = str(args.output_dir / "logs")
+    cfg.overwrite_output_dir = True
+    cfg.max_steps_per_epoch = args.steps
+    shutil.rmtree(args.output_dir, ignore_errors=True)  # this script's own folder
+    recipe = load_recipe_module().KDRecipeSingleDevice(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    recipe.train()
+    profiler.disable()
+    recipe.cleanup()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.lines)
+    print("\n".join(line for line in out.getvalue().splitlines() if any(key in line for key in SHOWN)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
