@@ -266,12 +266,13 @@ def test_compile_matches_eager(tiny_assets, assets_root, tmp_path):
         assert compiled_values == pytest.approx(eager_values, rel=1e-4), key
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("kind", ["full", "lora", "full_blend"])
 def test_fused_output_pass_matches_the_unfused_recipe_step_by_step(tiny_assets, assets_root, tmp_path, kind):
-    """fused_output: the same run (JSD + cosine IR, dynamic scaling, accumulation, temperature 2) without ever
-    materialising either model's logits: the same logged values and the same final weights."""
+    """fused_output: the same run (JSD + cosine IR, dynamic scaling or the kd_ratio blend, accumulation, temperature
+    2) without ever materialising either model's logits: the same logged values and the same final weights."""
+    scaling = ["loss_scaling.enabled=false", "kd_ratio=0.3"] if kind == "full_blend" else ["loss_scaling.method=dynamic"]
     common = [*(LORA_OVERRIDES if kind == "lora" else []), "max_steps_per_epoch=3", "gradient_accumulation_steps=2",
-              "loss_scaling.method=dynamic", "kd_loss.temperature=2.0", "seed=4"]
+              *scaling, "kd_loss.temperature=2.0", "seed=4"]
     runs = {}
     for name, extra in (("unfused", []), ("fused", ["fused_output.enabled=true", "fused_output.chunk_size=100"])):
         out = tmp_path / name

@@ -156,3 +156,13 @@ def test_bad_shapes_are_refused():
         fused_output_token_sums(h_s, w_s, h_t[:-1], w_t, labels, kd, ce_coef=1, kd_coef=1)
     with pytest.raises(ValueError, match="chunk_size=0"):
         fused_output_token_sums(h_s, w_s, h_t, w_t, labels, kd, ce_coef=1, kd_coef=1, chunk_size=0)
+
+
+def test_a_nan_hidden_state_makes_every_sum_nan():
+    """A diverged student must not look like a perfect match: NaN reaches CE and KD (the recipe then stops)."""
+    kd = kd_losses.JSDistanceLoss()
+    h_s, w_s, h_t, w_t, labels = inputs(11)
+    h_s = h_s.detach().clone()
+    h_s[3, 0] = float("nan")
+    out = fused_output_token_sums(h_s, w_s.detach(), h_t, w_t, labels, kd, ce_coef=0.5, kd_coef=0.5, chunk_size=8)
+    assert torch.isnan(out["ce"]) and torch.isnan(out["kd"]) and torch.isnan(out["objective"])
