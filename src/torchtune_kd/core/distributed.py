@@ -24,13 +24,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` is true on at least one rank (every rank gets the same answer)."""
-    value = torch.tensor([1 if flag else 0], device=device, dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def max_over_ranks(value: Optional[int], device: torch.device) -> Optional[int]:
     """The largest non-``None`` ``value`` over ranks, or ``None`` when every rank has ``None`` (e.g. a signal number)."""
     tensor = torch.tensor([-1 if value is None else int(value)], device=device, dtype=torch.int64)
@@ -239,10 +232,3 @@ def materialise_buffers(model: nn.Module, device: torch.device, dtype: torch.dty
         for module in model.modules():
             if hasattr(module, "rope_init"):
                 module.rope_init()
-
-
-def broadcast_object(value: Any, src: int = 0) -> Any:
-    """``value`` from rank ``src`` on every rank."""
-    holder = [value]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]

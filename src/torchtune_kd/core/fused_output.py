@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 import torch.nn.functional as F
 
+import kd_losses
+
 # Tokens per chunk: at Llama 3's vocabulary one fp32 chunk of logits is 0.5 GB.
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -70,11 +72,8 @@ def chunk_sums_and_grad(
     kd = torch.where(keep, values, zero).sum() * temperature**2
     # ∂(T²·L(z/T))/∂z = T·∂L/∂(z/T).
     grad = grad.mul_(ce_coef).add_(kd_grad.mul_(kd_coef * temperature if temperature != 1.0 else kd_coef))
-    # Fills, not multiplication: an ignored row may be inf/nan. By index on CPU (only those rows are touched).
-    if grad.device.type == "cpu" and not torch.compiler.is_compiling():
-        grad.index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
-    else:
-        grad.masked_fill_(~keep.unsqueeze(1), 0.0)
+    # Fills, not multiplication: an ignored row may be inf/nan (the unfused losses' own helper).
+    grad = kd_losses._zero_ignored_rows(grad, keep, by_index=grad.device.type == "cpu" and not torch.compiler.is_compiling())
     return ce, kd, agree, entropy, grad
 
 
