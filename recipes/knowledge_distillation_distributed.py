@@ -135,7 +135,7 @@ class KDRecipeDistributed(KDRecipeSingleDevice):
         """Whole output weights for the fused pass: a sharded one is all-gathered; the student's gradient then comes
         back averaged over ranks, as FSDP averages every other gradient."""
         student, teacher = super()._output_weights()
-        return distributed.gathered_for_compute(student), distributed.gathered_for_compute(teacher)
+        return distributed.gathered_for_compute(student), teacher if teacher is None else distributed.gathered_for_compute(teacher)
 
     def _rng_state(self) -> Dict[str, Any]:
         own = super()._rng_state()

@@ -35,7 +35,7 @@ from torchtune.training import DummyProfiler, PROFILER_KEY
 from tqdm import tqdm
 
 from torchtune_kd.core import (
-    alignment, checkpointing, data, fused_output, loss_step, loss_weighting, models, preflight, safety,
+    alignment, checkpointing, data, fused_output, loss_step, loss_weighting, models, preflight, safety, teacher_cache,
 )
 
 log = utils.get_logger("INFO")
@@ -79,6 +79,9 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._keep_last_n = int(cfg.get("keep_last_n", 1))
         self._guard = safety.NonFiniteGuard(int(cfg.get("max_nonfinite_steps", 0)))
+        cache = cfg.get("teacher_cache", None)
+        self._cache_settings = teacher_cache.settings(cache) if cache is not None else None
+        self._teacher_cache: Optional[teacher_cache.TeacherCache] = None
         fused = cfg.get("fused_output", None) or {}
         self._fused = bool(fused.get("enabled", False))
         self._fused_chunk_size = int(fused.get("chunk_size", fused_output.DEFAULT_CHUNK_SIZE))
@@ -137,7 +140,8 @@ class KDRecipeSingleDevice(FTRecipeInterface):
 
     def _output_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Data-parallel hook: the student's and the teacher's output-projection weights for the fused pass, whole."""
-        return fused_output.output_weight(self._model), fused_output.output_weight(self._teacher_model)
+        teacher = fused_output.output_weight(self._teacher_model) if self._teacher_model is not None else None
+        return fused_output.output_weight(self._model), teacher
 
     def _rng_state(self) -> Dict[str, Any]:
         """Data-parallel hook: the RNG states to save (dropout draws from them)."""
@@ -190,7 +194,6 @@ class KDRecipeSingleDevice(FTRecipeInterface):
 
         self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
         student_ckpt = self._checkpointer.load_checkpoint()
-        teacher_ckpt = config.instantiate(cfg.teacher_checkpointer, should_load_recipe_state=False).load_checkpoint()
         self._model = self._setup_model(
             cfg_model=cfg.model,
             enable_activation_checkpointing=cfg.get("enable_activation_checkpointing", False),
@@ -198,19 +201,26 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             base_model_state_dict=student_ckpt[training.MODEL_KEY],
             trainable_state_dict=state["trainable"] if state else None,
         )
-        self._teacher_model = self._setup_teacher_model(cfg.teacher_model, teacher_ckpt[training.MODEL_KEY])
-        del student_ckpt, teacher_ckpt
+        del student_ckpt
+        self._teacher_model = None
+        if self._cache_settings is None:
+            teacher_ckpt = config.instantiate(cfg.teacher_checkpointer, should_load_recipe_state=False).load_checkpoint()
+            self._teacher_model = self._setup_teacher_model(cfg.teacher_model, teacher_ckpt[training.MODEL_KEY])
+            del teacher_ckpt
         self._tokenizer = self._facts.tokenizer
         self._setup_alignment(cfg)
 
-        self._losses = loss_step.build_losses(
-            cfg.loss, cfg.kd_loss, (self._model, self._teacher_model), compile=self._compile
-        )
+        models_with_output = [m for m in (self._model, self._teacher_model) if m is not None]
+        self._losses = loss_step.build_losses(cfg.loss, cfg.kd_loss, models_with_output, compile=self._compile)
         self._ignore_index = self._losses.ignore_index
+        if self._cache_settings is not None:
+            # The teacher is never built: its top-k distributions are read per sample id (core.teacher_cache).
+            self._teacher_cache = teacher_cache.TeacherCache(self._cache_settings.path, ignore_index=self._ignore_index)
+            log.info(f"Teacher cache {self._cache_settings.path}: {teacher_cache.describe(self._teacher_cache.manifest)}.")
         self._fused_chunk_fn = None
         if self._fused:
             # The models return their final hidden states; the loss applies the output projections chunk by chunk.
-            for model in (self._model, self._teacher_model):
+            for model in models_with_output:
                 model.set_num_output_chunks(0)
             if self._compile:
                 self._fused_chunk_fn = fused_output.compiled_chunk_fn(os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
@@ -222,7 +232,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._weighting = loss_weighting.LossWeighting.from_recipe_config(cfg)
         self._optimizer = self._setup_optimizer(cfg.optimizer)
         self._dataloader = data.build_dataloader(
-            self._facts.dataset,
+            data.WithSampleIds(self._facts.dataset) if self._teacher_cache is not None else self._facts.dataset,
             packed=data.is_packed(cfg.dataset, self._facts.dataset),
             batch_size=cfg.batch_size,
             shuffle=cfg.shuffle,
@@ -393,6 +403,8 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         """
         tokens, mask, input_pos = batch["tokens"], batch.get("mask", None), batch.get("input_pos", None)
         labels = loss_step.shift_labels(batch["labels"], self._ignore_index)
+        if self._teacher_cache is not None:
+            return self._cached_loss_step(batch, labels, coefficients)
         if coefficients is not None:
             with fused_output.hidden_states_out(self._model, self._teacher_model):
                 with self._activations_handling_ctx:
@@ -424,6 +436,38 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             )
             sums["ir"] = torch.stack(list(pair_sums.values())).sum() / len(pair_sums)
             sums.update({f"ir/{name}": value for name, value in pair_sums.items()})
+        return sums
+
+    def _cached_loss_step(
+        self, batch: Dict[str, torch.Tensor], labels: torch.Tensor, coefficients: Optional[Dict[str, torch.Tensor]]
+    ) -> Dict[str, torch.Tensor]:
+        """:meth:`_loss_step` with the teacher's top-k distributions read from the cache instead of its forward.
+
+        The divergences take the cached :class:`kd_losses.TeacherTopK` in place of teacher logits (their sparse
+        form); the diagnostics use the cache's top-1 id and stored entropy.
+        """
+        tokens, mask, input_pos = batch["tokens"], batch.get("mask", None), batch.get("input_pos", None)
+        teacher, entropy = self._teacher_cache.lookup(
+            batch[data.SAMPLE_ID_KEY], labels, tokens, batch[loss_step.REAL_TOKENS_KEY], batch["labels"]
+        )
+        if coefficients is not None:
+            with fused_output.hidden_states_out(self._model):
+                with self._activations_handling_ctx:
+                    hidden = self._model(tokens, mask=mask, input_pos=input_pos)
+            student_weight, _ = self._output_weights()
+            sums = fused_output.fused_output_token_sums(
+                hidden, student_weight, teacher, None, labels, self._losses.kd_loss,
+                ce_coef=coefficients["ce"], kd_coef=coefficients["kd"], chunk_size=self._fused_chunk_size,
+                chunk_fn=self._fused_chunk_fn, teacher_entropy=entropy,
+            )
+            return sums
+        with self._activations_handling_ctx:
+            logits = self._model(tokens, mask=mask, input_pos=input_pos)
+        sums = {"ce": self._losses.ce_token_sum(logits, labels)}
+        sums["kd"], _ = self._losses.kd_token_sum(logits, teacher, labels)
+        sums["agree"], sums["teacher_entropy"] = loss_step.cached_health_sums(
+            logits, teacher.ids[..., 0], entropy, labels, self._ignore_index
+        )
         return sums
 
     def _accumulate_gradients(self, batches: List[Dict[str, torch.Tensor]]) -> tuple:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from torchtune_kd import experiment
+from torchtune_kd import experiment, tune_cli
 from torchtune_kd.evaluation import heldout_metrics
 
 # The checkout this script lives in: `tune run` needs the recipe file and must run from the checkout root, where
@@ -48,6 +48,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-seq-len", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=48)
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "experiment")
+    parser.add_argument("--teacher-cache", type=Path, default=None,
+                        help="run the teacher once into this cache (recipes/cache_teacher.py) and distil every cell "
+                             "without IR from it (cells with IR run the teacher live)")
+    parser.add_argument("--cache-top-k", type=int, default=64, help="k of the teacher cache (--teacher-cache)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     return parser.parse_args()
 
@@ -79,6 +83,20 @@ def main() -> None:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "command.txt").write_text(" ".join(sys.argv) + "\n")
+    cache = None
+    if args.teacher_cache is not None:
+        cache = str(args.teacher_cache.resolve())
+        started = time.time()
+        print(f"[experiment] teacher cache {cache} (k={args.cache_top_k}): one pre-pass for the whole grid ...", flush=True)
+        result = tune_cli.tune_run(
+            "recipes/cache_teacher.py", args.config,
+            [f"teacher_cache.path={cache}", f"teacher_cache.top_k={args.cache_top_k}", *args.overrides],
+            cwd=REPO, env=env,
+        )
+        (args.out / "teacher_cache.log").write_text(result.stdout or "")
+        if result.returncode != 0:
+            sys.exit(f"the teacher-cache pre-pass failed (exit {result.returncode}); see {args.out / 'teacher_cache.log'}")
+        print(f"[experiment]   cache ready ({time.time() - started:.0f} s)")
     rows = []
     for index, cell in enumerate(cells, 1):
         cell_dir = args.out / "cells" / cell.name
@@ -88,7 +106,8 @@ def main() -> None:
             rows.append(result)
             continue
         overrides = experiment.cell_overrides(
-            cell, chunked=chunked, mapping=args.mapping, scales={"ce": ce, "kd": kd, "ir": ir}, base_kd_keys=base_kd_keys
+            cell, chunked=chunked, mapping=args.mapping, scales={"ce": ce, "kd": kd, "ir": ir}, base_kd_keys=base_kd_keys,
+            teacher_cache=cache,
         )
         overrides += [f"max_steps_per_epoch={args.steps}", "epochs=1", f"metric_logger.log_dir={cell_dir / 'run' / 'logs'}"]
         overrides += list(args.overrides)
@@ -105,7 +124,8 @@ def main() -> None:
         )["student"]
         result = {"cell": cell.name, "setting": cell.setting, "divergence": cell.divergence, "ir": cell.ir,
                   "seed": cell.seed, "heldout_ppl": metrics["perplexity"], "heldout_nll": metrics["nll"],
-                  "top1_agreement": metrics["top1_agreement"], "seconds": round(time.time() - started, 1)}
+                  "top1_agreement": metrics["top1_agreement"], "seconds": round(time.time() - started, 1),
+                  "teacher": "cache" if cache is not None and experiment.uses_cache(cell) else "live"}
         (cell_dir / "result.json").write_text(json.dumps(result, indent=2))
         rows.append(result)
         print(f"[experiment]   ppl {result['heldout_ppl']:.3f}  agreement {result['top1_agreement']:.4f}  ({result['seconds']} s)")

@@ -31,6 +31,14 @@ the teacher allows; JSD and TVD are always finite.) The masks select entries who
 "whatever came out nan": a token whose student or teacher logits hold a nan gets a nan value on every path (a
 diverged model must not look like a perfect match); ignored tokens are dropped whatever they hold.
 
+Sparse teacher (a cache of top-k log-probabilities, ``recipes/cache_teacher.py``): every divergence also takes a
+:class:`TeacherTopK` in place of the teacher's logits. The teacher is then known only on its ``k`` most probable
+tokens plus one *tail bucket* holding the rest of its mass (exact: the cache stores the full log-normaliser's tail),
+and the student's distribution is coarsened the same way, its tail being the exact mass of its full softmax outside
+those ids. The loss is the divergence between the two distributions over these ``k + 1`` outcomes (``coarsen``):
+equal to the dense divergence at ``k = vocab``; below it, a lower bound of it (every divergence here is an
+f-divergence, and merging outcomes never increases one). Same ``token_sum`` contract, chunking, temperature and numerics as the dense form.
+
 Hidden-state (intermediate representation) losses :class:`CosineIRLoss` and :class:`MSEIRLoss` compare aligned
 layer outputs over real tokens; :func:`make_projection` builds the learned student-dim → teacher-dim map.
 """
@@ -38,7 +46,8 @@ layer outputs over real tokens; :func:`make_projection` builds the learned stude
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +60,8 @@ __all__ = [
     "SkewReverseKLLoss", "ForwardKLWithChunkedOutputLoss", "ReverseKLWithChunkedOutputLoss",
     "SymmetricKLWithChunkedOutputLoss", "JSDistanceWithChunkedOutputLoss", "TVDistanceWithChunkedOutputLoss",
     "SkewForwardKLWithChunkedOutputLoss", "SkewReverseKLWithChunkedOutputLoss", "CosineIRLoss", "MSEIRLoss",
-    "make_projection", "DIVERGENCES", "kl_per_token", "jsd_per_token", "tvd_per_token",
+    "make_projection", "DIVERGENCES", "kl_per_token", "jsd_per_token", "tvd_per_token", "TeacherTopK",
+    "coarsen_student", "coarsen_teacher",
 ]
 
 
@@ -178,6 +188,108 @@ def _check_fraction(name: str, value: float) -> float:
     return value
 
 
+# ------------------------------------------------------------------------------------ sparse (top-k) teacher
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """The teacher's next-token distribution as its ``k`` most probable tokens plus a tail bucket.
+
+    Attributes:
+        ids (torch.Tensor): ``(..., k)`` integer token ids (distinct within a row), any integer dtype.
+        logprobs (torch.Tensor): ``(..., k)`` log p_t of those ids at ``temperature`` (any float dtype: caches
+            store fp16).
+        log_tail (torch.Tensor): ``(...,)`` log(1 − Σ top-k p_t), exact (``-inf`` when ``k = vocab``).
+        temperature (float): the temperature the log-probabilities were computed at; a loss with another
+            temperature refuses them.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    log_tail: torch.Tensor
+    temperature: float = 1.0
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    @property
+    def shape(self) -> torch.Size:
+        """The leading (token) shape, e.g. ``(bsz, seq_len)``."""
+        return self.log_tail.shape
+
+    def reshape_rows(self) -> "TeacherTopK":
+        """The same distributions as ``(num_tokens, k)`` rows."""
+        return TeacherTopK(
+            self.ids.reshape(-1, self.k), self.logprobs.reshape(-1, self.k), self.log_tail.reshape(-1), self.temperature
+        )
+
+    def chunk(self, chunks: int, dim: int = 1) -> list["TeacherTopK"]:
+        """Split along a token dimension like ``Tensor.chunk`` (as labels are split for chunked logits)."""
+        parts = zip(self.ids.chunk(chunks, dim), self.logprobs.chunk(chunks, dim), self.log_tail.chunk(chunks, dim))
+        return [TeacherTopK(i, lp, lt, self.temperature) for i, lp, lt in parts]
+
+    def to(self, device: Union[str, torch.device]) -> "TeacherTopK":
+        return TeacherTopK(self.ids.to(device), self.logprobs.to(device), self.log_tail.to(device), self.temperature)
+
+
+def coarsen_teacher(teacher: TeacherTopK) -> torch.Tensor:
+    """The teacher's ``k + 1``-outcome log-probabilities ``(..., k + 1)`` in fp32: top-k, then the tail.
+
+    Renormalised (a log-softmax over the stored values): compact stored dtypes round each value, and a divergence
+    must compare two proper distributions (so that it is 0 at equality). At fp32 precision this changes nothing.
+    """
+    values = torch.cat((teacher.logprobs.float(), teacher.log_tail.float().unsqueeze(-1)), dim=-1)
+    return torch.log_softmax(values, dim=-1)
+
+
+def coarsen_student(s_logp: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's log-probabilities coarsened to the teacher's top-k ids plus the tail.
+
+    Args:
+        s_logp (torch.Tensor): full log-probabilities ``(rows, vocab)``, fp32.
+        ids (torch.Tensor): ``(rows, k)`` int64.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: ``(rows, k + 1)`` coarsened log-probabilities (the tail as a
+        ``logsumexp`` of the student's own log-probabilities outside ``ids``, exact and stable, ``-inf`` when
+        empty) and the ``(rows, vocab)`` tail-only log-probabilities (``-inf`` at ``ids``) for the gradient.
+    """
+    top = s_logp.gather(-1, ids)
+    tail_only = s_logp.scatter(-1, ids, float("-inf"))
+    return torch.cat((top, torch.logsumexp(tail_only, dim=-1, keepdim=True)), dim=-1), tail_only
+
+
+def _sparse_value_and_grad(
+    divergence: "_Divergence", s_logp: torch.Tensor, ids: torch.Tensor, t_coarse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A divergence over ``k + 1`` outcomes and its gradient with respect to the student's full logits.
+
+    With ``c`` the coarsened student log-probabilities and ``g = ∂L/∂c`` (the divergence's own ``value_and_grad``
+    over ``k + 1`` outcomes, which sums to 0 over a row), the chain rule through ``c_j = z_{id_j} − log Z`` and
+    ``c_tail = log Σ_{v ∉ ids} e^{z_v} − log Z`` gives ``∂L/∂z_v = g_j`` at ``v = id_j`` and
+    ``g_tail · p_v / p_tail`` elsewhere: the tail's gradient shared in proportion to the student's own tail
+    probabilities.
+
+    Args:
+        s_logp (torch.Tensor): ``(rows, vocab)`` fp32 student log-probabilities (temperature applied).
+        ids (torch.Tensor): ``(rows, k)`` int64.
+        t_coarse (torch.Tensor): ``(rows, k + 1)`` fp32 teacher log-probabilities (:func:`coarsen_teacher`).
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: values ``(rows,)`` and the gradient ``(rows, vocab)``.
+    """
+    k = ids.shape[-1]
+    s_coarse, tail_only = coarsen_student(s_logp, ids)
+    log_tail = s_coarse[:, k:].clone()  # value_and_grad overwrites its inputs
+    values, g = divergence.value_and_grad(s_coarse, t_coarse.clone())
+    # p_v / p_tail = exp(log p_v − log p_tail); an empty tail (-inf) has no entries to share among.
+    safe_log_tail = torch.where(torch.isneginf(log_tail), torch.zeros_like(log_tail), log_tail)
+    grad = tail_only.sub_(safe_log_tail).exp_().mul_(g[:, k:])
+    return values, grad.scatter_(-1, ids, g[:, :k])
+
+
+
 # -------------------------------------------------------------------------------------------------- divergences
 
 
@@ -239,8 +351,10 @@ class _Divergence(nn.Module):
         """
         raise NotImplementedError
 
-    def _check(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> None:
-        if student.shape != teacher.shape:
+    def _check(self, student: torch.Tensor, teacher: Union[torch.Tensor, TeacherTopK], labels: torch.Tensor) -> None:
+        if isinstance(teacher, TeacherTopK):
+            self._check_sparse(student, teacher)
+        elif student.shape != teacher.shape:
             if student.shape[-1] != teacher.shape[-1]:
                 raise ValueError(
                     f"student vocab size {student.shape[-1]} != teacher vocab size {teacher.shape[-1]}: logit "
@@ -253,6 +367,23 @@ class _Divergence(nn.Module):
                 f"{tuple(student.shape[:-1])}"
             )
 
+    def _check_sparse(self, student: torch.Tensor, teacher: TeacherTopK) -> None:
+        if teacher.temperature != self.temperature:
+            raise ValueError(
+                f"the teacher's top-k log-probabilities were computed at temperature {teacher.temperature}, this loss "
+                f"uses temperature={self.temperature}: rebuild the teacher cache at this temperature or set the "
+                "loss's temperature to the cache's"
+            )
+        if tuple(teacher.shape) != tuple(student.shape[:-1]) or tuple(teacher.ids.shape[:-1]) != tuple(teacher.shape):
+            raise ValueError(
+                f"teacher top-k ids {tuple(teacher.ids.shape)} / tail {tuple(teacher.shape)} do not match the "
+                f"student logits {tuple(student.shape)}: one teacher row per student token"
+            )
+        if teacher.logprobs.shape != teacher.ids.shape:
+            raise ValueError(f"teacher top-k logprobs {tuple(teacher.logprobs.shape)} != ids {tuple(teacher.ids.shape)}")
+        if teacher.k > student.shape[-1]:
+            raise ValueError(f"teacher top-k has k={teacher.k} ids but the vocabulary has {student.shape[-1]} tokens")
+
     def _block_sum(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum of the per-token divergence over counted tokens of one block (fp32 scalar, already × T²).
 
@@ -264,7 +395,9 @@ class _Divergence(nn.Module):
         """
         self._check(student, teacher, labels)
         if student.requires_grad and torch.is_grad_enabled():
-            return _EagerGradBlock.apply(student, teacher.detach(), labels, self)
+            if isinstance(teacher, torch.Tensor):
+                teacher = teacher.detach()
+            return _EagerGradBlock.apply(student, teacher, labels, self)
         return self._block_sum_graph(student, teacher, labels)
 
     def _block_value_and_grad(
@@ -274,10 +407,16 @@ class _Divergence(nn.Module):
         vocab = student.shape[-1]
         keep = labels.reshape(-1) != self.ignore_index
         s = student.detach().reshape(-1, vocab).float()
-        t = teacher.detach().reshape(-1, vocab).float()
         if self.temperature != 1.0:
-            s, t = s / self.temperature, t / self.temperature
-        values, grad = self.value_and_grad(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1))
+            s = s / self.temperature
+        if isinstance(teacher, TeacherTopK):
+            rows = teacher.reshape_rows()
+            values, grad = _sparse_value_and_grad(self, F.log_softmax(s, dim=-1), rows.ids.long(), coarsen_teacher(rows))
+        else:
+            t = teacher.detach().reshape(-1, vocab).float()
+            if self.temperature != 1.0:
+                t = t / self.temperature
+            values, grad = self.value_and_grad(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1))
         # Ignored rows are computed and then dropped; where() and fills, not multiplication, because such a row may
         # be inf/nan (e.g. all -inf padding logits). On CPU, filling just the ignored rows by index is ~10× cheaper
         # than a masked pass over the whole block; elsewhere the index would cost a device sync per chunk.
@@ -291,10 +430,17 @@ class _Divergence(nn.Module):
         vocab = student.shape[-1]
         keep = labels.reshape(-1) != self.ignore_index
         s = student.reshape(-1, vocab).float()
-        t = teacher.reshape(-1, vocab).float()
         if self.temperature != 1.0:
-            s, t = s / self.temperature, t / self.temperature
-        values = self.per_token(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1))
+            s = s / self.temperature
+        if isinstance(teacher, TeacherTopK):
+            rows = teacher.reshape_rows()
+            s_coarse, _ = coarsen_student(F.log_softmax(s, dim=-1), rows.ids.long())
+            values = self.per_token(s_coarse, coarsen_teacher(rows))
+        else:
+            t = teacher.reshape(-1, vocab).float()
+            if self.temperature != 1.0:
+                t = t / self.temperature
+            values = self.per_token(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1))
         # where(), not multiplication: an ignored row's value may be inf/nan (e.g. all -inf padding logits).
         values = torch.where(keep, values, torch.zeros_like(values))
         return values.sum() * (self.temperature**2)
@@ -306,7 +452,8 @@ class _Divergence(nn.Module):
 
         Args:
             student_logits (torch.Tensor): ``(num_tokens, vocab)`` or ``(bsz, seq_len, vocab)``.
-            teacher_logits (torch.Tensor): same shape as ``student_logits``.
+            teacher_logits (torch.Tensor): same shape as ``student_logits``; or a :class:`TeacherTopK` with the
+                same leading shape (the sparse form over its top-k ids plus the tail).
             labels (torch.Tensor): ``(num_tokens,)`` or ``(bsz, seq_len)``, already aligned with the logits.
 
         Returns:
@@ -562,12 +709,17 @@ class _ChunkedOutputMixin:
 
         Args:
             student_logits (Logits): list of ``(bsz, seq_len / n, vocab)`` chunks (a single tensor also works).
-            teacher_logits (Logits): the teacher's chunks, same shapes.
+            teacher_logits (Logits): the teacher's chunks, same shapes; or one :class:`TeacherTopK`
+                ``(bsz, seq_len, k)``, split like the labels.
             labels (torch.Tensor): ``(bsz, seq_len)``.
         """
-        if isinstance(student_logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor):
+        if isinstance(student_logits, torch.Tensor) and isinstance(teacher_logits, (torch.Tensor, TeacherTopK)):
             return super().token_sum(student_logits, teacher_logits, labels)
-        student_logits, teacher_logits = list(student_logits), list(teacher_logits)
+        student_logits = list(student_logits)
+        if isinstance(teacher_logits, TeacherTopK):
+            # One cached teacher for the whole sequence: split like the labels.
+            teacher_logits = teacher_logits.chunk(len(student_logits), dim=1)
+        teacher_logits = list(teacher_logits)
         if len(student_logits) != len(teacher_logits):
             raise ValueError(
                 f"got {len(student_logits)} student chunks and {len(teacher_logits)} teacher chunks: both models "

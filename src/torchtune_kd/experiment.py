@@ -67,7 +67,13 @@ def grid(divergences: Sequence[str], irs: Sequence[str], seeds: Sequence[int]) -
 
 
 def cell_overrides(
-    cell: Cell, *, chunked: bool, mapping: str, scales: Mapping[str, float], base_kd_keys: Iterable[str] = ()
+    cell: Cell,
+    *,
+    chunked: bool,
+    mapping: str,
+    scales: Mapping[str, float],
+    base_kd_keys: Iterable[str] = (),
+    teacher_cache: Optional[str] = None,
 ) -> list[str]:
     """The CLI overrides that turn the base config into this cell.
 
@@ -77,6 +83,8 @@ def cell_overrides(
         mapping: the layer mapping used when IR is on (CLI syntax, e.g. ``[[0,1],[1,3]]`` or ``auto``).
         scales: ``{ce, kd, ir}`` weights of KD cells.
         base_kd_keys: keys of the base config's ``kd_loss`` block (arguments a divergence does not take are removed).
+        teacher_cache: a teacher cache folder (``recipes/cache_teacher.py``) that cells without IR distil from; cells
+            with IR need the teacher's hidden states and run it live.
     """
     out = [f"seed={cell.seed}"]
     ir_on = cell.ir == "cosine" and cell.divergence != BASELINE
@@ -85,6 +93,8 @@ def cell_overrides(
                 "ir_loss._component_=kd_losses.CosineIRLoss"]
     else:
         out += ["layer_mapping=null", "model.output_hidden_states=false", "teacher_model.output_hidden_states=false"]
+        if teacher_cache is not None:
+            out.append(f"teacher_cache.path={teacher_cache}")
     if cell.divergence == BASELINE:
         weights = {"ce": 1.0, "kd": 0.0, "ir": 0.0}
         stem = "ForwardKL"  # computed and logged for comparison, weight 0
@@ -104,6 +114,11 @@ def cell_overrides(
         f"loss_scaling.manual_scales.ir={weights['ir']}",
     ]
     return out
+
+
+def uses_cache(cell: Cell) -> bool:
+    """Whether a grid with a teacher cache runs this cell from it (IR cells need the live teacher)."""
+    return not (cell.ir == "cosine" and cell.divergence != BASELINE)
 
 
 def run_cell(

@@ -9,7 +9,6 @@ is itself split two ways (one micro-batch of four samples, four micro-batches of
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 

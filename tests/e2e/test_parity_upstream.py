@@ -5,7 +5,6 @@ no layer mapping. torchtune's `ForwardKLLoss` reports the soft cross-entropy H(p
 so its KD value is compared with our KL plus the teacher entropy we log (`kd/teacher_entropy`).
 """
 
-import sys
 
 import pytest
 from omegaconf import OmegaConf

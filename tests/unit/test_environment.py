@@ -1,7 +1,6 @@
 """What the install must (not) contain, and W&B offline logging of the same metric keys."""
 
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path

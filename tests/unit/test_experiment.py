@@ -36,6 +36,14 @@ def test_overrides_switch_divergence_ir_and_weights():
     assert "loss_scaling.manual_scales.ir=0.0" in jsd
 
 
+def test_a_teacher_cache_serves_every_cell_without_ir():
+    scales = {"ce": 0.5, "kd": 0.3, "ir": 0.2}
+    for cell in (experiment.Cell("ce_only", "off", 1), experiment.Cell("jsd", "off", 1), experiment.Cell("tvd", "cosine", 1)):
+        out = experiment.cell_overrides(cell, chunked=True, mapping="auto", scales=scales, teacher_cache="/c")
+        assert ("teacher_cache.path=/c" in out) == experiment.uses_cache(cell) == (cell.ir == "off"), cell
+        assert "teacher_cache.path=/c" not in experiment.cell_overrides(cell, chunked=True, mapping="auto", scales=scales)
+
+
 def test_summary_pairs_by_seed_and_uses_the_t_distribution():
     rows = []
     for seed, base in enumerate([10.0, 12.0, 14.0]):
@@ -45,7 +53,7 @@ def test_summary_pairs_by_seed_and_uses_the_t_distribution():
     summary = {e["setting"]: e for e in experiment.summarise(rows, ["ppl"])}
     assert summary["ce_only"]["ppl_mean"] == pytest.approx(12.0)
     assert summary["ce_only"]["ppl_se"] == pytest.approx(2.0 / math.sqrt(3))
-    diffs = [-1.0, -0.9, -0.8]
+    # paired differences -1.0, -0.9, -0.8
     assert summary["a"]["ppl_diff"] == pytest.approx(-0.9)
     assert summary["a"]["ppl_diff_se"] == pytest.approx(0.1 / math.sqrt(3))
     assert summary["a"]["ppl_significant"]

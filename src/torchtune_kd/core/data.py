@@ -8,9 +8,10 @@ epoch, so a mid-epoch checkpoint resumes exactly where it stopped.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Union
+from typing import Any, Callable, Sequence, Union
 
 from omegaconf import DictConfig, ListConfig
+from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from torchtune.data import padded_collate_packed, padded_collate_sft
@@ -23,6 +24,41 @@ def is_packed(cfg_dataset: Union[DictConfig, ListConfig], dataset: Any) -> bool:
     if isinstance(cfg_dataset, ListConfig):
         return bool(getattr(dataset, "packed", False))
     return bool(cfg_dataset.get("packed", False))
+
+
+SAMPLE_ID_KEY = "sample_id"
+
+
+class WithSampleIds(Dataset):
+    """A map-style dataset whose items also carry their index (``sample_id``), which batches then hold as a
+    ``(bsz,)`` tensor: the key a teacher cache is read by, whatever the shuffling and batching."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        item[SAMPLE_ID_KEY] = index
+        return item
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes such as ``packed`` are the wrapped dataset's; ``dataset`` itself may not exist yet when unpickled.
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def collate_fn(*, packed: bool, pad_id: int, ignore_index: int) -> Callable[[Sequence[dict]], dict]:
+    """torchtune's collator for packs or samples, plus the ``real_tokens`` mask (and ``sample_id`` when present)."""
+    collate = (
+        padded_collate_packed
+        if packed
+        else partial(padded_collate_sft, padding_idx=pad_id, ignore_idx=ignore_index)
+    )
+    return partial(loss_step.collate_with_real_tokens, collate_fn=collate, packed=packed, ignore_index=ignore_index)
 
 
 def build_dataloader(
@@ -52,16 +88,11 @@ def build_dataloader(
         rank (int): this replica's rank. Default 0.
     """
     sampler = StatefulDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-    collate = (
-        padded_collate_packed
-        if packed
-        else partial(padded_collate_sft, padding_idx=pad_id, ignore_idx=ignore_index)
-    )
     return StatefulDataLoader(
         dataset=dataset,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=partial(loss_step.collate_with_real_tokens, collate_fn=collate, packed=packed, ignore_index=ignore_index),
+        collate_fn=collate_fn(packed=packed, pad_id=pad_id, ignore_index=ignore_index),
         # Dropping the last, smaller batch avoids shape changes (recompiles) with compile.
         drop_last=True,
     )

@@ -90,6 +90,28 @@ def kd_health_sums(
     return agree, entropy
 
 
+@torch.no_grad()
+def cached_health_sums(
+    student_logits: Logits, teacher_top1: torch.Tensor, teacher_entropy: torch.Tensor, labels: torch.Tensor,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kd_health_sums` from a teacher cache: the teacher's top-1 id and entropy are stored per token.
+
+    Args:
+        student_logits (Logits): ``(bsz, seq_len, vocab)`` or a list of chunks.
+        teacher_top1 (torch.Tensor): ``(bsz, seq_len)`` the teacher's most probable id.
+        teacher_entropy (torch.Tensor): ``(bsz, seq_len)`` its entropy (nats, T = 1).
+        labels (torch.Tensor): shifted labels ``(bsz, seq_len)``.
+        ignore_index (int): label value that does not count.
+    """
+    keep = labels != ignore_index
+    chunks = student_logits if not isinstance(student_logits, torch.Tensor) else [student_logits]
+    student_top1 = torch.cat([chunk.argmax(-1) for chunk in chunks], dim=1)
+    agree = ((student_top1 == teacher_top1.long()) & keep).sum().float()
+    entropy = torch.where(keep, teacher_entropy.float(), torch.zeros_like(teacher_entropy, dtype=torch.float32)).sum()
+    return agree, entropy
+
+
 REAL_TOKENS_KEY = "real_tokens"
 
 
@@ -141,6 +163,8 @@ def collate_with_real_tokens(
                 real -= last
         masks.append(_sample_mask(seq_len, real))
     collated[REAL_TOKENS_KEY] = torch.stack(masks)
+    if batch and "sample_id" in batch[0]:  # core.data.WithSampleIds: the key of a teacher cache
+        collated["sample_id"] = torch.tensor([int(sample["sample_id"]) for sample in batch], dtype=torch.int64)
     return collated
 
 

@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from torchtune_kd.core import alignment, checkpointing, loss_weighting
+from torchtune_kd.core import alignment, checkpointing, loss_weighting, teacher_cache
 
 KNOWN_TOP_LEVEL_KEYS = frozenset(
     {
@@ -45,6 +45,7 @@ KNOWN_TOP_LEVEL_KEYS = frozenset(
         # torchtune-kd additions
         "layer_mapping", "ir_loss", "loss_scaling", "projection_lr_multiplier", "save_projections",
         "save_every_n_steps", "keep_last_n", "overwrite_output_dir", "max_nonfinite_steps", "fused_output",
+        "teacher_cache",
         # the distributed recipe (torchtune's distributed recipes' names)
         *("fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers"),
     }
@@ -575,10 +576,14 @@ def _safetensors_problem(path: Path) -> Optional[str]:
     return None
 
 
-def _check_paths(cfg: DictConfig, problems: list[str]) -> None:
+def _check_paths(cfg: DictConfig, problems: list[str], *, teacher_optional: bool = False) -> None:
+    """Input files exist and look whole. ``teacher_optional``: a run from a teacher cache never loads the teacher,
+    so its files are checked only where they exist (the cache check then verifies them)."""
     for key in ("checkpointer", "teacher_checkpointer"):
         ckpt = cfg.get(key)
         if not isinstance(ckpt, DictConfig):
+            continue
+        if key == "teacher_checkpointer" and teacher_optional and not Path(str(ckpt.get("checkpoint_dir", ""))).is_dir():
             continue
         directory = Path(str(ckpt.get("checkpoint_dir", "")))
         if not directory.is_dir():
@@ -592,7 +597,8 @@ def _check_paths(cfg: DictConfig, problems: list[str]) -> None:
         for name in _checkpoint_names(key, ckpt.get("checkpoint_files", []), problems):
             path = directory / name
             if not path.is_file():
-                problems.append(f"{key}.checkpoint_files: {name!r} is not in {str(directory)!r}")
+                if not (key == "teacher_checkpointer" and teacher_optional):
+                    problems.append(f"{key}.checkpoint_files: {name!r} is not in {str(directory)!r}")
                 continue
             if name.endswith(".safetensors"):
                 try:
@@ -1068,6 +1074,68 @@ def _check_fsdp(cfg: DictConfig, world_size: Optional[int], problems: list[str],
         )
 
 
+def _loss_settings(cfg: DictConfig) -> Optional[tuple[float, int]]:
+    """``(kd_loss temperature, ignore_index)`` of the config's losses, or ``None`` when they cannot be built
+    (reported where the losses are checked)."""
+    from torchtune import config as tt_config
+
+    try:
+        kd, ce = tt_config.instantiate(cfg.kd_loss), tt_config.instantiate(cfg.loss)
+    except Exception:
+        return None
+    return float(getattr(kd, "temperature", 1.0)), int(getattr(ce, "ignore_index", -100))
+
+
+def _check_teacher_cache_section(
+    cfg: DictConfig, facts: Optional[ModelFacts], problems: list[str], notices: list[str], *, writing: bool
+) -> bool:
+    """``teacher_cache: {path, top_k, dtype, samples_per_shard, batch_size, overwrite}``; True when well formed."""
+    section = cfg.get("teacher_cache", None)
+    if section is None:
+        return False
+    found = teacher_cache.section_problems(section, facts.teacher_vocab if facts is not None else None)
+    problems.extend(found)
+    if found:
+        return False
+    if facts is not None and facts.layer_pairs:
+        message = (
+            f"layer_mapping={_show(cfg.get('layer_mapping'))} needs the teacher's hidden states, which a teacher cache "
+            "does not hold: set layer_mapping=null (and loss_scaling.manual_scales.ir=0), or remove teacher_cache to "
+            "distil from the live teacher"
+        )
+        if writing:
+            notices.append(message.replace("needs", "(IR) needs") + " when training from this cache")
+        else:
+            problems.append(message)
+    kd = cfg.get("kd_loss", None)
+    if not writing and isinstance(kd, DictConfig) and isinstance(kd.get("_component_", None), str):
+        from torchtune.config._utils import _get_component_from_path
+
+        try:
+            kd_class = _get_component_from_path(kd._component_)
+        except Exception:
+            return True  # reported where kd_loss is checked
+        if not hasattr(kd_class, "_block_value_and_grad"):
+            problems.append(
+                f"teacher_cache needs a kd_losses divergence (they take the cache's top-k form), but "
+                f"kd_loss._component_={kd._component_!r} is not one: use e.g. kd_losses.ForwardKLLoss"
+            )
+    return True
+
+
+def _check_cache_contents(cfg: DictConfig, facts: ModelFacts, dataset: Any, problems: list[str], notices: list[str]) -> None:
+    """The cache is complete and made from this config's teacher, tokenizer, data, max_seq_len, k and temperature."""
+    losses = _loss_settings(cfg)
+    if losses is None:
+        return
+    temperature, ignore_index = losses
+    found, found_notices = teacher_cache.check_cache(
+        cfg, dataset, temperature=temperature, ignore_index=ignore_index, vocab_size=facts.teacher_vocab
+    )
+    problems.extend(found)
+    notices.extend(found_notices)
+
+
 # ------------------------------------------------------------------------------------------------- entry point
 
 
@@ -1090,6 +1158,7 @@ def validate_config(
     check_device: bool = True,
     build_data: bool = False,
     world_size: Optional[int] = None,
+    writing_cache: bool = False,
 ) -> ModelFacts | None:
     """Validate a distillation config before any heavy work.
 
@@ -1104,6 +1173,12 @@ def validate_config(
             Skipped when another problem concerns the ``tokenizer`` or ``dataset`` keys. Default False.
         world_size (Optional[int]): the number of data-parallel ranks for the distributed recipe (its FSDP keys
             are checked and the data must give every rank a step); ``None`` for the single-device recipe.
+        writing_cache (bool): the config is for the teacher-cache pre-pass (``recipes/cache_teacher.py``):
+            ``teacher_cache.path`` is required, the cache itself is not checked (it is being written) and
+            ``output_dir`` is not (the pre-pass writes nothing there). Otherwise a ``teacher_cache`` section means
+            training from the cache: it must be complete and made from this config's teacher, tokenizer, data,
+            ``max_seq_len`` and temperature (checked with ``build_data``), and IR is refused (the cache holds no
+            hidden states).
 
     Returns:
         ModelFacts | None: depths, sizes, the resolved layer pairs and notices for the user (and, with
@@ -1192,9 +1267,15 @@ def validate_config(
     _check_losses(cfg, problems)
     _check_optimizer(cfg, problems)
     _check_profiler(cfg, problems)
+    using_cache = cfg.get("teacher_cache", None) is not None and not writing_cache
+    if writing_cache and cfg.get("teacher_cache", None) is None:
+        problems.append(
+            "teacher_cache.path is missing: the pre-pass needs a folder to write to, e.g. teacher_cache.path=cache/teacher_top64"
+        )
     if check_files:
-        _check_paths(cfg, problems)
-        _check_output_dir(cfg, problems)
+        _check_paths(cfg, problems, teacher_optional=using_cache)
+        if not writing_cache:
+            _check_output_dir(cfg, problems)
 
     facts = None
     student = _meta_model(cfg.model, "model", problems) if isinstance(cfg.get("model"), DictConfig) else None
@@ -1230,6 +1311,7 @@ def validate_config(
             _check_models(cfg, facts, weighting, problems)
     del student, teacher
 
+    cache_ok = _check_teacher_cache_section(cfg, facts, problems, notices, writing=writing_cache)
     if build_data and not _concerns(problems, DATA_KEYS):
         data = _build_data(cfg, problems)
         if data is not None:
@@ -1237,6 +1319,8 @@ def validate_config(
             if facts is not None:
                 facts.tokenizer, facts.dataset = data
                 facts.num_samples = len(data[1])
+            if using_cache and cache_ok and facts is not None:
+                _check_cache_contents(cfg, facts, data[1], problems, notices)
 
     if problems:
         raise ConfigError(problems)

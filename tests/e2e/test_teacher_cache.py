@@ -1,0 +1,272 @@
+"""Teacher cache end to end: the pre-pass, training from the cache (= the live teacher at k = vocab), resume, stale
+caches refused, an interrupted pre-pass resumed to the same bytes.
+
+Runs use the first 96 training samples (``dataset.split=train[:96]``) to keep the pre-pass short.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.recipe_utils import LORA_OVERRIDES, REPO, load_recipe_module, run_recipe, tiny_config
+from torchtune_kd.core import preflight, teacher_cache
+from torchtune_kd.evaluation import run_logs
+
+RECIPE = load_recipe_module()
+VOCAB = 1280
+SUBSET = "dataset.split=train[:96]"
+# The same distillation with and without the cache: no IR (a cache holds no hidden states), temperature 2.
+NO_IR = [
+    "layer_mapping=null", "loss_scaling.manual_scales.ir=0", "model.output_hidden_states=false",
+    "teacher_model.output_hidden_states=false",
+]
+COMMON = [SUBSET, *NO_IR, "kd_loss.temperature=2.0"]
+
+
+def load_prepass_module():
+    spec = importlib.util.spec_from_file_location("kd_cache_teacher", REPO / "recipes" / "cache_teacher.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PREPASS = load_prepass_module()
+
+
+def build_cache(assets_root: Path, folder: Path, overrides=(), *, common=COMMON) -> dict:
+    cfg = tiny_config(assets_root, folder.parent / "unused_output", [*common, f"teacher_cache.path={folder}", *overrides])
+    prepass = PREPASS.TeacherCachePrepass(cfg)
+    prepass.run()
+    prepass.cleanup()
+    return json.loads((folder / teacher_cache.MANIFEST).read_text())
+
+
+@pytest.fixture(scope="module")
+def full_cache(tiny_assets, assets_root, tmp_path_factory) -> Path:
+    """k = vocab in fp32 at T = 2: the cached distributions are the teacher's, exactly."""
+    folder = tmp_path_factory.mktemp("cache") / "full"
+    build_cache(assets_root, folder, ["teacher_cache.top_k=1280", "teacher_cache.dtype=float32",
+                                      "teacher_cache.samples_per_shard=40"])
+    return folder
+
+
+def logged(out: Path) -> dict:
+    return {k: dict(v) for k, v in run_logs.read_disk_log(out / "logs").items()
+            if k not in ("tokens_per_second", "peak_memory_rss_gib")}
+
+
+def final_weights(out: Path, epoch: int = 0) -> dict:
+    return load_file(out / f"epoch_{epoch}" / "model-00001-of-00001.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "full_fused"])
+def test_cached_run_equals_the_live_run_step_by_step(tiny_assets, assets_root, tmp_path, full_cache, kind):
+    """k = vocab: every logged value (CE, KD, agreement, entropy, grad norm, loss) and the final weights of a run
+    from the cache equal the live-teacher run's, with shuffling and gradient accumulation; the teacher is never
+    built."""
+    extra = [*(LORA_OVERRIDES if kind == "lora" else []), "max_steps_per_epoch=3", "gradient_accumulation_steps=2",
+             "seed=5"]
+    if kind == "full_fused":
+        extra += ["fused_output.enabled=true", "fused_output.chunk_size=100"]
+    live = run_recipe(tiny_config(assets_root, tmp_path / "live", [*COMMON, *extra]), RECIPE)
+    cached = run_recipe(
+        tiny_config(assets_root, tmp_path / "cached", [*COMMON, *extra, f"teacher_cache.path={full_cache}"]), RECIPE
+    )
+    assert live._teacher_model is not None and cached._teacher_model is None
+    a, b = logged(tmp_path / "live"), logged(tmp_path / "cached")
+    assert a.keys() == b.keys() and len(a["kd_loss"]) == 3
+    for key, values in a.items():
+        for step, value in values.items():
+            assert b[key][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, step)
+    wa, wb = final_weights(tmp_path / "live"), final_weights(tmp_path / "cached")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resume_from_a_cached_run_continues_exactly(tiny_assets, assets_root, tmp_path, full_cache):
+    common = [*COMMON, f"teacher_cache.path={full_cache}", "max_steps_per_epoch=4", "lr_scheduler=None"]
+    run_recipe(tiny_config(assets_root, tmp_path / "straight", [*common, "epochs=1"]), RECIPE)
+    # Stopped after 2 steps (a mid-epoch checkpoint), then resumed.
+    first = tiny_config(assets_root, tmp_path / "resumed", [*common, "save_every_n_steps=2", "epochs=1"])
+    recipe = RECIPE.KDRecipeSingleDevice(cfg=first)
+    recipe.setup(cfg=first)
+    recipe._signals.received = None
+    original = recipe._stop_signal
+    calls = {"n": 0}
+
+    def stop_after_two():
+        calls["n"] += 1
+        return 15 if calls["n"] == 2 else original()
+
+    recipe._stop_signal = stop_after_two
+    recipe.train()
+    recipe.cleanup()
+    assert recipe.global_step == 2
+    run_recipe(tiny_config(assets_root, tmp_path / "resumed", [*common, "epochs=1", "resume_from_checkpoint=true"]), RECIPE)
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+
+
+def _problems(assets_root: Path, out: Path, overrides) -> str:
+    cfg = tiny_config(assets_root, out, overrides)
+    with pytest.raises(preflight.ConfigError) as err:
+        preflight.validate_config(cfg, build_data=True)
+    return str(err.value)
+
+
+def test_each_kind_of_stale_cache_is_refused_before_training(tiny_assets, assets_root, tmp_path, full_cache):
+    use = [*COMMON, f"teacher_cache.path={full_cache}"]
+    # Sanity: the matching config passes.
+    preflight.validate_config(tiny_config(assets_root, tmp_path / "ok", use), build_data=True)
+
+    teacher = tmp_path / "teacher_copy"
+    shutil.copytree(assets_root / "teacher", teacher)
+    weights = load_file(teacher / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] * 1.001
+    from safetensors.torch import save_file
+
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    message = _problems(assets_root, tmp_path / "a", [*use, f"teacher_checkpointer.checkpoint_dir={teacher}"])
+    assert "the teacher's weights" in message and "model.safetensors differ" in message
+
+    tokenizer = tmp_path / "tokenizer_copy"
+    shutil.copytree(assets_root / "tokenizer", tokenizer)
+    special = tokenizer / "tokenizer.json"
+    special.write_text(special.read_text() + "\n")
+    message = _problems(assets_root, tmp_path / "b", [*use, f"tokenizer.path={tokenizer}/tokenizer.model",
+                                                        f"tokenizer.special_tokens_path={special}"])
+    assert "the tokenizer" in message
+
+    records = json.loads((assets_root / "data" / "alpaca_train.json").read_text())
+    records[0]["output"] = records[0]["output"] + " changed"
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    message = _problems(assets_root, tmp_path / "c", [*use, f"dataset.data_files={data}"])
+    assert "the dataset (its config, data files or number of items) differs" in message and "files differ" in message
+    assert "tokenisation" in message  # item 0 is one of the fingerprinted items
+
+    message = _problems(assets_root, tmp_path / "d", [*use, "tokenizer.max_seq_len=128"])
+    assert "max_seq_len (tokenizer.max_seq_len)" in message and "cache: 256, config: 128" in message
+    message = _problems(assets_root, tmp_path / "e", [*use, "teacher_cache.top_k=64"])
+    assert "k (teacher_cache.top_k)" in message and "cache: 1280, config: 64" in message
+    message = _problems(assets_root, tmp_path / "f", [*use, "kd_loss.temperature=1.0"])
+    assert "the temperature (kd_loss.temperature)" in message and "cache: 2.0, config: 1.0" in message
+    message = _problems(assets_root, tmp_path / "g", [*use, "dataset.split=train[:80]"])
+    assert "items: cache 96, config 80" in message
+    # Every message says how to rebuild.
+    assert "recipes/cache_teacher.py" in message and "teacher_cache.overwrite=true" in message
+
+
+def test_cache_refusals_name_the_fix(tiny_assets, assets_root, tmp_path, full_cache):
+    message = _problems(assets_root, tmp_path / "a", [SUBSET, "kd_loss.temperature=2.0", f"teacher_cache.path={full_cache}"])
+    assert "needs the teacher's hidden states" in message and "layer_mapping=null" in message
+    message = _problems(assets_root, tmp_path / "b", [*COMMON, f"teacher_cache.path={tmp_path / 'nothing'}"])
+    assert "holds no complete teacher cache" in message and "tune run recipes/cache_teacher.py" in message
+    message = _problems(assets_root, tmp_path / "c", [*COMMON, f"teacher_cache.path={full_cache}", "teacher_cache.topk=3"])
+    assert "unknown key 'teacher_cache.topk'" in message
+    # Without the teacher's files a cached run still starts (the weights cannot be verified: a notice).
+    facts = preflight.validate_config(
+        tiny_config(assets_root, tmp_path / "d", [*COMMON, f"teacher_cache.path={full_cache}",
+                                                  f"teacher_checkpointer.checkpoint_dir={tmp_path / 'absent'}"]),
+        build_data=True,
+    )
+    assert any("cannot be verified" in notice for notice in facts.notices)
+
+
+def test_changed_item_is_caught_at_lookup(tiny_assets, assets_root, tmp_path, full_cache):
+    """Defence in depth: each looked-up item's tokens are checked against the hash they were cached from."""
+    cfg = tiny_config(assets_root, tmp_path, [*COMMON, f"teacher_cache.path={full_cache}"])
+    recipe = RECIPE.KDRecipeSingleDevice(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    batch = next(recipe._micro_batches())[0]
+    from torchtune_kd.core import loss_step
+
+    labels = loss_step.shift_labels(batch["labels"], -100)
+    args = (batch["sample_id"], labels, batch["tokens"], batch["real_tokens"], batch["labels"])
+    recipe._teacher_cache.lookup(*args)
+    tokens = batch["tokens"].clone()
+    tokens[0, 3] += 1
+    with pytest.raises(teacher_cache.CacheError, match="tokens differ"):
+        recipe._teacher_cache.lookup(batch["sample_id"], labels, tokens, batch["real_tokens"], batch["labels"])
+    recipe.cleanup()
+
+
+def test_interrupted_prepass_resumes_to_the_same_cache(tiny_assets, assets_root, tmp_path, monkeypatch):
+    overrides = ["teacher_cache.top_k=16", "teacher_cache.samples_per_shard=24"]
+    straight = build_cache(assets_root, tmp_path / "straight", overrides)
+    assert straight["num_items"] == 96 and len(straight["shards"]) == 4 and straight["top_k"] == 16
+
+    real_write = teacher_cache.write_shard
+    written = []
+
+    def dies_on_the_third(folder, index, *args, **kwargs):
+        if len(written) == 2:
+            # A half-written temporary, as a kill during the write leaves it.
+            (Path(folder) / f".{teacher_cache.shard_name(index)}.tmp").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        written.append(index)
+        return real_write(folder, index, *args, **kwargs)
+
+    monkeypatch.setattr(teacher_cache, "write_shard", dies_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(assets_root, tmp_path / "resumed", overrides)
+    monkeypatch.setattr(teacher_cache, "write_shard", real_write)
+    assert not (tmp_path / "resumed" / teacher_cache.MANIFEST).exists()
+    resumed = build_cache(assets_root, tmp_path / "resumed", overrides)
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == sorted(p.name for p in (tmp_path / "straight").iterdir())
+    from safetensors import safe_open
+
+    for shard in straight["shards"]:
+        # Same tensors and metadata (the header's key order is not deterministic, so not compared as bytes).
+        a, b = load_file(tmp_path / "straight" / shard["file"]), load_file(tmp_path / "resumed" / shard["file"])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), shard["file"]
+        with safe_open(str(tmp_path / "straight" / shard["file"]), "pt") as x, safe_open(str(tmp_path / "resumed" / shard["file"]), "pt") as y:
+            assert x.metadata() == y.metadata()
+    for key in ("fingerprint", "num_rows", "bytes", "shards"):
+        assert resumed[key] == straight[key]
+
+    # A third run finds the cache complete and writes nothing.
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").iterdir()}
+    build_cache(assets_root, tmp_path / "resumed", overrides)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").iterdir()} == before
+
+
+def test_prepass_never_touches_foreign_files_and_replaces_only_when_asked(tiny_assets, assets_root, tmp_path):
+    overrides = ["teacher_cache.top_k=4", "teacher_cache.samples_per_shard=48"]
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(teacher_cache.CacheError, match="not a teacher cache's .*notes.txt"):
+        build_cache(assets_root, folder, overrides)
+    assert (folder / "notes.txt").read_text() == "mine"
+    (folder / "notes.txt").unlink()
+    build_cache(assets_root, folder, overrides)
+    with pytest.raises(teacher_cache.CacheError, match="teacher_cache.overwrite=true"):
+        build_cache(assets_root, folder, ["teacher_cache.top_k=8", "teacher_cache.samples_per_shard=48"])
+    replaced = build_cache(assets_root, folder, ["teacher_cache.top_k=8", "teacher_cache.samples_per_shard=48",
+                                                 "teacher_cache.overwrite=true"])
+    assert replaced["top_k"] == 8
+
+
+def test_prepass_cli(tiny_assets, assets_root, tmp_path):
+    """``tune run recipes/cache_teacher.py`` as a user runs it: a complete cache and its size per token printed."""
+    from torchtune_kd import tune_cli
+
+    result = tune_cli.tune_run(
+        "recipes/cache_teacher.py", REPO / "configs" / "tiny_cpu.yaml",
+        [SUBSET, f"teacher_cache.path={tmp_path / 'c'}", "teacher_cache.top_k=8", f"output_dir={tmp_path / 'o'}"],
+        cwd=REPO, env={"KD_ASSETS": str(assets_root)},
+    )
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "bytes/token" in result.stdout
+    manifest = json.loads((tmp_path / "c" / teacher_cache.MANIFEST).read_text())
+    assert manifest["num_items"] == 96 and manifest["top_k"] == 8 and manifest["dtype"] == "float16"
