@@ -476,7 +476,7 @@ def load_latest_training_state(output_dir: Path) -> tuple[dict[str, Any], Path]:
 
 
 # Settings recorded in a training state and compared on resume.
-RESUME_SETTINGS = ("optimizer", "batch_size", "gradient_accumulation_steps", "kd_loss", "loss_scaling")
+RESUME_SETTINGS = ("optimizer", "batch_size", "gradient_accumulation_steps", "kd_loss", "loss_scaling", "teacher_cache")
 
 
 def resume_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:

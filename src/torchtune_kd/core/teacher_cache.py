@@ -438,12 +438,13 @@ def write_manifest(folder: Path, *, fingerprint_: Mapping[str, Any], stamps: Map
     """Write ``manifest.json`` (atomically) once every shard exists; returns it."""
     from safetensors import safe_open
 
-    shards, rows, size = [], 0, 0
+    shards, rows, size, tail_mass = [], 0, 0, 0.0
     for index in range(num_shards(num_items, settings_.samples_per_shard)):
         path = Path(folder) / shard_name(index)
         with safe_open(str(path), framework="pt") as handle:
             shard_rows = int(handle.get_slice("log_tail").get_shape()[0])
             items = int(handle.metadata()["items"])
+            tail_mass += float(handle.get_tensor("log_tail").double().exp().sum())
         shards.append({"file": path.name, "first_item": index * settings_.samples_per_shard, "items": items,
                        "rows": shard_rows, "bytes": path.stat().st_size})
         rows += shard_rows
@@ -461,6 +462,8 @@ def write_manifest(folder: Path, *, fingerprint_: Mapping[str, Any], stamps: Map
         "num_rows": rows,
         "bytes": size,
         "bytes_per_token": size / max(rows, 1),
+        # How much of the teacher's mass lies outside its top k, on average: what a smaller k gives up.
+        "mean_tail_mass": tail_mass / max(rows, 1),
         "shards": shards,
         **dict(extra),
     }
@@ -619,11 +622,12 @@ def check_cache(
 
 
 def describe(manifest: Mapping[str, Any]) -> str:
-    """One line about a cache: items, rows, k, temperature, dtype and size per token."""
+    """One line about a cache: items, rows, k, temperature, dtype, size per token and mean tail mass."""
     return (
         f"{manifest['num_items']} items, {manifest['num_rows']} token rows, k={manifest['top_k']}, "
         f"T={manifest['temperature']}, {manifest['dtype']}, {manifest['bytes'] / 2**20:.1f} MiB "
-        f"({manifest['bytes_per_token']:.0f} bytes/token)"
+        f"({manifest['bytes_per_token']:.0f} bytes/token), mean teacher mass outside the top k "
+        f"{manifest.get('mean_tail_mass', float('nan')):.3f}"
     )
 
 

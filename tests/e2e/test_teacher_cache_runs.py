@@ -62,6 +62,14 @@ def logged(out: Path) -> dict:
             if k not in ("tokens_per_second", "peak_memory_rss_gib")}
 
 
+def assert_same_logged(a: dict, b: dict) -> None:
+    """Every logged value of every step equal (1e-5)."""
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    for key, values in a.items():
+        for step, value in values.items():
+            assert b[key][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, step)
+
+
 def final_weights(out: Path, epoch: int = 0) -> dict:
     return load_file(out / f"epoch_{epoch}" / "model-00001-of-00001.safetensors")
 
@@ -81,13 +89,24 @@ def test_cached_run_equals_the_live_run_step_by_step(tiny_assets, assets_root, t
     )
     assert live._teacher_model is not None and cached._teacher_model is None
     a, b = logged(tmp_path / "live"), logged(tmp_path / "cached")
-    assert a.keys() == b.keys() and len(a["kd_loss"]) == 3
-    for key, values in a.items():
-        for step, value in values.items():
-            assert b[key][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, step)
+    assert len(a["kd_loss"]) == 3
+    assert_same_logged(a, b)
     wa, wb = final_weights(tmp_path / "live"), final_weights(tmp_path / "cached")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_packed_unchunked_compiled_cached_run_equals_the_live_run(tiny_assets, assets_root, tmp_path):
+    """Packs (document masks, positions), an unchunked divergence and compile: still the live run, at k = vocab."""
+    extra = ["dataset.packed=true", "tokenizer.max_seq_len=128", "loss._component_=torch.nn.CrossEntropyLoss",
+             "~loss.num_output_chunks", "kd_loss._component_=kd_losses.ReverseKLLoss", "~kd_loss.num_output_chunks",
+             "~kd_loss.lambda_weight", "compile=true", "max_steps_per_epoch=2", "seed=2"]
+    folder = tmp_path / "cache"
+    manifest = build_cache(assets_root, folder, [*extra, "teacher_cache.top_k=1280", "teacher_cache.dtype=float32"])
+    assert manifest["fingerprint"]["dataset"]["config"]["packed"] is True
+    run_recipe(tiny_config(assets_root, tmp_path / "live", [*COMMON, *extra]), RECIPE)
+    run_recipe(tiny_config(assets_root, tmp_path / "cached", [*COMMON, *extra, f"teacher_cache.path={folder}"]), RECIPE)
+    assert_same_logged(logged(tmp_path / "live"), logged(tmp_path / "cached"))
 
 
 def test_resume_from_a_cached_run_continues_exactly(tiny_assets, assets_root, tmp_path, full_cache):
@@ -204,6 +223,7 @@ def test_interrupted_prepass_resumes_to_the_same_cache(tiny_assets, assets_root,
     overrides = ["teacher_cache.top_k=16", "teacher_cache.samples_per_shard=24"]
     straight = build_cache(assets_root, tmp_path / "straight", overrides)
     assert straight["num_items"] == 96 and len(straight["shards"]) == 4 and straight["top_k"] == 16
+    assert 0.0 < straight["mean_tail_mass"] < 1.0
 
     real_write = teacher_cache.write_shard
     written = []
@@ -270,3 +290,51 @@ def test_prepass_cli(tiny_assets, assets_root, tmp_path):
     assert "bytes/token" in result.stdout
     manifest = json.loads((tmp_path / "c" / teacher_cache.MANIFEST).read_text())
     assert manifest["num_items"] == 96 and manifest["top_k"] == 8 and manifest["dtype"] == "float16"
+
+
+# ------------------------------------------------------------------------------------------- two processes
+
+
+def test_prepass_on_two_processes_writes_the_same_cache(tiny_assets, assets_root, tmp_path, full_cache):
+    """``tune run --nproc_per_node 2 recipes/cache_teacher.py``: each rank writes every other shard, rank 0 the
+    manifest; the result equals the one-process cache."""
+    from omegaconf import OmegaConf
+
+    from torchtune_kd import tune_cli
+
+    folder = tmp_path / "cache"
+    cfg = tiny_config(assets_root, tmp_path / "o", [*COMMON, f"teacher_cache.path={folder}", "teacher_cache.top_k=1280",
+                                                    "teacher_cache.dtype=float32", "teacher_cache.samples_per_shard=40"])
+    OmegaConf.save(cfg, tmp_path / "cfg.yaml")
+    result = tune_cli.tune_run("recipes/cache_teacher.py", tmp_path / "cfg.yaml", cwd=REPO, nproc_per_node=2, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:]
+    one = json.loads((full_cache / teacher_cache.MANIFEST).read_text())
+    assert one["mean_tail_mass"] == 0.0  # k = vocab: nothing outside
+    two = json.loads((folder / teacher_cache.MANIFEST).read_text())
+    assert two["world_size"] == 2 and two["fingerprint"] == one["fingerprint"] and two["shards"] == one["shards"]
+    for shard in one["shards"]:
+        a, b = load_file(full_cache / shard["file"]), load_file(folder / shard["file"])
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-6, msg=f"{shard['file']}:{key}")
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_distributed_run_from_the_cache_matches_single_device(tiny_assets, assets_root, tmp_path, full_cache, kind):
+    """Two processes (FSDP2, gloo) distilling from the cache equal one process on the same global batches."""
+    from omegaconf import OmegaConf
+
+    from torchtune_kd import tune_cli
+
+    extra = [*COMMON, *(LORA_OVERRIDES if kind == "lora" else []), f"teacher_cache.path={full_cache}", "epochs=1",
+             "max_steps_per_epoch=3", "gradient_accumulation_steps=2", "seed=6"]
+    run_recipe(tiny_config(assets_root, tmp_path / "single", [*extra, "batch_size=4"]), RECIPE)
+    cfg = tiny_config(assets_root, tmp_path / "dist", [*extra, "batch_size=2"])
+    OmegaConf.save(cfg, tmp_path / "dist.yaml")
+    result = tune_cli.tune_run("recipes/knowledge_distillation_distributed.py", tmp_path / "dist.yaml", cwd=REPO,
+                               nproc_per_node=2, timeout=300)
+    assert result.returncode == 0, result.stdout[-6000:]
+    b = {k: v for k, v in logged(tmp_path / "dist").items() if k != "tokens_per_second_per_gpu" and not k.startswith("peak_memory")}
+    assert_same_logged(logged(tmp_path / "single"), b)
+    wa, wb = final_weights(tmp_path / "single"), final_weights(tmp_path / "dist")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-5, msg=name)
