@@ -30,7 +30,9 @@ from omegaconf import OmegaConf
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="a distillation config (its teacher is pruned)")
-    parser.add_argument("--calibration", type=Path, required=True, help="plain text the layers are scored on")
+    parser.add_argument("--calibration", type=Path, required=True,
+                        help="text the layers are scored on: a plain-text file, or an alpaca-style .json list (its "
+                             "instruction, input and output fields are joined), e.g. the training data")
     parser.add_argument("--num-layers", type=int, required=True, help="the student's depth")
     parser.add_argument("--method", choices=("block_influence", "even"), default="block_influence")
     parser.add_argument("--out", type=Path, required=True, help="the student's folder")
@@ -49,6 +51,17 @@ def calibration_windows(tokenizer, text: str, seq_len: int, max_windows: int) ->
     if not windows:
         raise SystemExit(f"error: --calibration has {len(ids)} tokens, fewer than one window of {seq_len}")
     return torch.tensor(windows[:max_windows])
+
+
+def calibration_text(path: Path) -> str:
+    """A plain-text file as it is; an alpaca-style JSON list as its records' instruction / input / output text."""
+    if path.suffix != ".json":
+        return path.read_text()
+    records = json.loads(path.read_text())
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise SystemExit(f"error: --calibration={str(path)!r} is JSON but not a list of records")
+    fields = ("instruction", "input", "output")
+    return "\n\n".join(" ".join(str(r.get(f) or "") for f in fields).strip() for r in records)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -74,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     teacher = models.build_teacher(plain, device=torch.device("cpu"), dtype=torch.float32, state_dict=state)
     del state
     tokenizer = tt_config.instantiate(cfg.tokenizer)
-    text = args.calibration.read_text()
+    text = calibration_text(args.calibration)
     windows = calibration_windows(tokenizer, text, args.seq_len, args.windows)
     scores = pruning.block_influence(teacher, windows).tolist()
     del teacher

@@ -140,6 +140,10 @@ def test_prune_command_prints_scores_and_writes_a_loadable_student(tiny_assets, 
     assert len(scores) == 4 and record["kept_layers"] == pruning.most_influential(scores, 2)
     for layer, score in enumerate(scores):
         assert f"| {layer} | {score:.5f} |" in printed
+    # Training data (an alpaca JSON list) works as calibration text too.
+    assert prune.main(["--config", str(tmp_path / "cfg.yaml"), "--calibration", tiny_assets["data"]["train"],
+                       "--num-layers", "3", "--out", str(tmp_path / "from_json"), "--windows", "4"]) == 0
+    assert json.loads((tmp_path / "from_json" / pruning.MARKER).read_text())["calibration"]["windows"] == 4
     mapping = json.dumps(record["layer_mapping"]).replace(" ", "")
     assert f"layer_mapping={mapping}" in printed and "model.num_layers=2" in printed
     # The student loads as the teacher's architecture with 2 layers and equals the teacher restricted to them.
@@ -149,3 +153,24 @@ def test_prune_command_prints_scores_and_writes_a_loadable_student(tiny_assets, 
     tokens = windows_for(tiny_assets, count=2)
     with torch.no_grad():
         torch.testing.assert_close(student(tokens), teacher(tokens), rtol=0, atol=0)
+
+
+def test_pruning_report_prunes_both_ways_and_prints_the_metrics(tiny_assets, assets_root, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import pruning_report
+
+    cfg = tiny_config(assets_root, tmp_path / "o")
+    OmegaConf.save(cfg, tmp_path / "cfg.yaml")
+    assert pruning_report.main([
+        "--config", str(tmp_path / "cfg.yaml"), "--calibration", tiny_assets["data"]["train"],
+        "--heldout", tiny_assets["data"]["heldout_text"], "--depths", "2,3", "--out", str(tmp_path / "pruned"),
+        "--windows", "4", "--eval-seq-len", "40", "--eval-windows", "3",
+    ]) == 0
+    printed = capsys.readouterr().out
+    for name in ("2L_block_influence", "2L_even", "3L_block_influence", "3L_even"):
+        assert f"| {name} | [" in printed and (tmp_path / "pruned" / name / "model.safetensors").is_file()
+    assert "| teacher | – |" in printed and "| 1.000 |" in printed
+    even = json.loads((tmp_path / "pruned" / "2L_even" / pruning.MARKER).read_text())
+    assert even["kept_layers"] == pruning.evenly_spaced(4, 2)
