@@ -146,8 +146,18 @@ def main() -> None:
     print("\n" + table)
     note = ("n = seeds; ± = standard error over seeds; Δ is paired by seed (same data order) against ce_only; "
             "* marks a paired t-test significant at 95% (|Δ| > t(n-1) · se, i.e. 4.3 se for 3 seeds).")
-    (args.out / "summary.md").write_text(table + "\n" + note + "\n")
     print(note)
+    text = table + "\n" + note + "\n"
+    effects = experiment.ir_effect(rows, metrics)
+    if effects:
+        ir_table = experiment.difference_table(effects, metrics, "divergence", "IR on − off")
+        ir_note = "What cosine IR adds to each divergence: <divergence>+ir_cosine − <divergence>+ir_off, paired by seed."
+        if any(r.get("teacher") == "cache" for r in rows):
+            ir_note += (" Caution: here the cells without IR read the teacher cache and the IR cells ran the teacher live, "
+                        "so this mixes IR with the cache's top-k coarsening (run without --teacher-cache to separate them).")
+        print("\n" + ir_table + ir_note)
+        text += "\n" + ir_table + "\n" + ir_note + "\n"
+    (args.out / "summary.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -224,15 +224,100 @@ def summarise(rows: Iterable[Mapping[str, object]], metrics: Sequence[str]) -> l
         for metric in metrics:
             values = [float(r[metric]) for r in seeds.values()]
             entry[f"{metric}_mean"], entry[f"{metric}_se"] = mean_se(values)
-            paired = [float(seeds[s][metric]) - float(baseline[s][metric]) for s in seeds if s in baseline]
-            if setting != BASELINE and paired:
-                diff, diff_se = mean_se(paired)
-                entry[f"{metric}_diff"], entry[f"{metric}_diff_se"] = diff, diff_se
-                entry[f"{metric}_significant"] = bool(
-                    not math.isnan(diff_se) and abs(diff) > t_critical(len(paired) - 1) * diff_se
-                )
+            if setting != BASELINE and set(seeds) & set(baseline):
+                entry.update(paired_difference(baseline, seeds, metric))
         summary.append(entry)
     return summary
+
+
+def paired_difference(
+    before: Mapping[int, Mapping[str, object]], after: Mapping[int, Mapping[str, object]], metric: str
+) -> dict[str, object]:
+    """Mean ± se of ``after − before`` over the seeds both have, and a paired t-test at 95%.
+
+    Args:
+        before, after: seed -> finished cell (with ``metric``).
+        metric: the metric compared.
+
+    Returns:
+        dict: ``<metric>_diff``, ``<metric>_diff_se``, ``<metric>_significant`` (|diff| > t(n−1) · se; never with
+        fewer than 2 shared seeds) and ``<metric>_pairs`` (the number of shared seeds).
+    """
+    paired = [float(after[s][metric]) - float(before[s][metric]) for s in sorted(set(before) & set(after))]
+    diff, diff_se = mean_se(paired)
+    return {
+        f"{metric}_diff": diff,
+        f"{metric}_diff_se": diff_se,
+        f"{metric}_significant": bool(not math.isnan(diff_se) and abs(diff) > t_critical(len(paired) - 1) * diff_se),
+        f"{metric}_pairs": len(paired),
+    }
+
+
+def _by_seed(rows: Iterable[Mapping[str, object]], setting: str) -> dict[int, Mapping[str, object]]:
+    return {int(r["seed"]): r for r in rows if str(r["setting"]) == setting}
+
+
+def ir_effect(rows: Iterable[Mapping[str, object]], metrics: Sequence[str]) -> list[dict[str, object]]:
+    """What cosine IR adds to each divergence: ``<d>+ir_cosine − <d>+ir_off`` per metric, paired by seed.
+
+    Only divergences with both settings finished appear. Returns one dict per divergence: ``divergence``, ``n``
+    (shared seeds) and :func:`paired_difference`'s entries per metric.
+    """
+    rows = list(rows)
+    divergences = sorted({str(r["divergence"]) for r in rows if str(r["divergence"]) != BASELINE})
+    effects = []
+    for divergence in divergences:
+        off, on = _by_seed(rows, f"{divergence}+ir_off"), _by_seed(rows, f"{divergence}+ir_cosine")
+        shared = set(off) & set(on)
+        if not shared:
+            continue
+        entry: dict[str, object] = {"divergence": divergence, "n": len(shared)}
+        for metric in metrics:
+            entry.update(paired_difference(off, on, metric))
+        effects.append(entry)
+    return effects
+
+
+def compare_grids(
+    rows_a: Iterable[Mapping[str, object]], rows_b: Iterable[Mapping[str, object]], metrics: Sequence[str]
+) -> list[dict[str, object]]:
+    """The same settings in two grids (e.g. a live teacher against a teacher cache): ``b − a`` paired by seed.
+
+    Returns one dict per setting present in both: ``setting``, ``n``, ``teacher`` (the cells' teacher source in
+    ``a`` / in ``b``, e.g. ``live / cache``) and :func:`paired_difference`'s entries.
+    """
+    rows_a, rows_b = list(rows_a), list(rows_b)
+    settings = sorted({str(r["setting"]) for r in rows_a} & {str(r["setting"]) for r in rows_b},
+                      key=lambda s: (s != BASELINE, s))
+    out = []
+    for setting in settings:
+        a, b = _by_seed(rows_a, setting), _by_seed(rows_b, setting)
+        if not set(a) & set(b):
+            continue
+        entry: dict[str, object] = {"setting": setting, "n": len(set(a) & set(b))}
+        # Which teacher each grid's cells used (a cache or live), when the results record it.
+        sources = [sorted({str(r.get("teacher", "?")) for r in side.values()}) for side in (a, b)]
+        entry["teacher"] = " / ".join(",".join(source) for source in sources)
+        for metric in metrics:
+            entry.update(paired_difference(a, b, metric))
+        out.append(entry)
+    return out
+
+
+def difference_table(
+    entries: Sequence[Mapping[str, object]], metrics: Sequence[str], key: str, what: str, extra: Sequence[str] = ()
+) -> str:
+    """A markdown table of paired differences (from :func:`ir_effect` or :func:`compare_grids`), * = significant;
+    ``extra`` names entry fields shown as columns after ``n``."""
+    header = [key, "n", *extra] + [f"Δ {m} ({what})" for m in metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for entry in entries:
+        cells = [str(entry[key]), str(entry["n"]), *(str(entry[field]) for field in extra)]
+        for m in metrics:
+            mark = " *" if entry[f"{m}_significant"] else ""
+            cells.append(_fmt(float(entry[f"{m}_diff"]), float(entry[f"{m}_diff_se"])) + mark)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(mean: float, se: float, digits: int = 3) -> str:

@@ -535,3 +535,31 @@ def test_plot_run_one_and_two_runs(tmp_path):
     with pytest.raises(SystemExit):
         plot_run.main([str(tmp_path / "jsd"), "--labels", "a,b", "--out", str(tmp_path / "x.png")])
     assert plot_run.main([str(tmp_path / "jsd"), "--metrics", "nothing_here", "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_plot_metrics_by_step_draws_each_curve_in_step_order_and_the_references(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    drawn = []
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), real_savefig(fig, *a, **k)))
+    curves = {
+        "ce_only": [(10, {"ppl": 120.0, "kl": 1.3}), (0, {"ppl": 184.0, "kl": 1.5}), (5, {"ppl": 140.0, "kl": 1.2})],
+        "distilled": [(0, {"ppl": 184.0, "kl": 1.5}), (5, {"ppl": 130.0, "kl": 1.1}), (10, {"ppl": 112.0, "kl": 1.0})],
+    }
+    out = tmp_path / "by_step" / "curves.png"
+    plots.plot_metrics_by_step(curves, out, [("ppl", "perplexity"), ("kl", "KL")], references={"teacher": {"ppl": 53.4, "kl": 0.0}})
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = drawn
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["perplexity", "KL"]
+    lines = {line.get_label(): line for line in axes[0].get_lines()}
+    assert list(lines["ce_only"].get_xdata()) == [0, 5, 10]
+    assert list(lines["ce_only"].get_ydata()) == [184.0, 140.0, 120.0]
+    assert list(lines["distilled"].get_ydata()) == [184.0, 130.0, 112.0]
+    assert set(lines["teacher"].get_ydata()) == {53.4}
+    assert set({line.get_label(): line for line in axes[1].get_lines()}["teacher"].get_ydata()) == {0.0}
+    with pytest.raises(ValueError, match=r"'distilled' at step 5 lacks metric\(s\) \['agreement'\]"):
+        plots.plot_metrics_by_step({"distilled": [(5, {"ppl": 1.0})]}, out, [("ppl", "p"), ("agreement", "a")])
+    with pytest.raises(ValueError, match="at least one curve"):
+        plots.plot_metrics_by_step({}, out, [("ppl", "p")])

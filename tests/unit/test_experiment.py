@@ -1,6 +1,8 @@
 """The experiment grid's bookkeeping: cells, overrides and the statistics of the summary."""
 
 import math
+import statistics
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +70,47 @@ def test_summary_pairs_by_seed_and_uses_the_t_distribution():
     assert "| a | 3 |" in table and " *" in table
 
 
+def _row(divergence: str, ir: str, seed: int, **metrics: float) -> dict:
+    setting = "ce_only" if divergence == "ce_only" else f"{divergence}+ir_{ir}"
+    return {"setting": setting, "divergence": divergence, "ir": ir, "seed": seed, **metrics}
+
+
+def test_ir_effect_pairs_ir_on_with_ir_off_by_seed():
+    rows = [_row("ce_only", "off", s, ppl=20.0 + s) for s in range(3)]
+    # forward KL: IR lowers ppl by 2 every seed, +-0.1 (significant); JSD: IR changes it by +1, -1, +0.5 (noise).
+    rows += [_row("forward_kl", "off", s, ppl=10.0 + 3 * s) for s in range(3)]
+    rows += [_row("forward_kl", "cosine", s, ppl=10.0 + 3 * s - 2.0 + [0.1, -0.1, 0.0][s]) for s in range(3)]
+    rows += [_row("jsd", "off", s, ppl=15.0 + s) for s in range(3)]
+    rows += [_row("jsd", "cosine", s, ppl=15.0 + s + [1.0, -1.0, 0.5][s]) for s in range(3)]
+    rows += [_row("tvd", "off", s, ppl=1.0) for s in range(3)]  # no IR counterpart: left out
+    rows += [_row("skew_kl", "cosine", 5, ppl=1.0), _row("skew_kl", "off", 4, ppl=1.0)]  # no shared seed: left out
+    effects = {e["divergence"]: e for e in experiment.ir_effect(rows, ["ppl"])}
+    assert set(effects) == {"forward_kl", "jsd"}
+    fkl = effects["forward_kl"]
+    assert fkl["n"] == fkl["ppl_pairs"] == 3
+    assert fkl["ppl_diff"] == pytest.approx(-2.0)
+    assert fkl["ppl_diff_se"] == pytest.approx(statistics.stdev([-1.9, -2.1, -2.0]) / math.sqrt(3))
+    assert fkl["ppl_significant"]
+    assert effects["jsd"]["ppl_diff"] == pytest.approx(0.5 / 3) and not effects["jsd"]["ppl_significant"]
+    table = experiment.difference_table(list(effects.values()), ["ppl"], "divergence", "IR on − off")
+    assert "| forward_kl | 3 | -2.000 ± 0.058 * |" in table and "| jsd | 3 |" in table
+
+
+def test_compare_grids_pairs_the_same_setting_and_seed():
+    live = [_row("ce_only", "off", s, kl=1.3 + 0.01 * s) for s in range(3)]
+    live += [_row("forward_kl", "off", s, kl=1.0 + 0.02 * s) for s in range(3)]
+    live += [_row("forward_kl", "cosine", s, kl=0.9) for s in range(3)]
+    cached = [_row("ce_only", "off", s, kl=1.3 + 0.01 * s) for s in range(3)]  # identical: Δ 0, not significant
+    cached += [_row("forward_kl", "off", s, kl=1.0 + 0.02 * s + 0.05 + 0.001 * s) for s in (0, 1, 2, 7)]
+    out = {e["setting"]: e for e in experiment.compare_grids(live, cached, ["kl"])}
+    assert list(out) == ["ce_only", "forward_kl+ir_off"]  # the IR setting is in one grid only
+    assert out["ce_only"]["kl_diff"] == 0.0 and not out["ce_only"]["kl_significant"]
+    assert out["forward_kl+ir_off"]["n"] == 3  # seed 7 has no live counterpart
+    assert out["forward_kl+ir_off"]["teacher"] == "? / ?"  # these rows do not say where their teacher came from
+    assert out["forward_kl+ir_off"]["kl_diff"] == pytest.approx(0.051)
+    assert out["forward_kl+ir_off"]["kl_significant"]
+
+
 def test_t_critical_matches_the_printed_t_table():
     # Two-sided 95% values as printed in t tables (3 decimals); scipy computes them for every df.
     for df, value in {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 10: 2.228, 11: 2.201, 30: 2.042}.items():
@@ -86,3 +129,29 @@ def test_run_cell_needs_a_recipe_inside_its_working_directory(tmp_path):
         with pytest.raises(ValueError, match="is not a file inside workdir"):
             experiment.run_cell(experiment.Cell("jsd", "off", 0), recipe=recipe, workdir=tmp_path / "checkout",
                                 config=tmp_path / "c.yaml", out_dir=tmp_path / "out", overrides=[])
+
+
+def test_compare_grids_script_reads_two_grid_folders(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("compare_grids", Path(__file__).resolve().parents[2] / "scripts" / "compare_grids.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for grid, shift in (("live", 0.0), ("cache", 0.5)):
+        for seed in range(3):
+            for row in (_row("ce_only", "off", seed), _row("forward_kl", "off", seed)):
+                cell = experiment.Cell(row["divergence"], row["ir"], seed)
+                values = {"heldout_ppl": 100.0 + seed + (shift if cell.divergence != "ce_only" else 0.0),
+                          "heldout_kl": 1.0, "top1_agreement": 0.4}
+                folder = tmp_path / grid / "cells" / cell.name
+                folder.mkdir(parents=True)
+                (folder / "result.json").write_text(json.dumps({**row, "cell": cell.name, "teacher": grid, **values}))
+    out = tmp_path / "compare.md"
+    assert script.main([str(tmp_path / "live"), str(tmp_path / "cache"), "--labels", "live,cache", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| forward_kl+ir_off | 3 | live / cache | 0.500 ± 0.000 * |" in printed
+    assert "| ce_only | 3 | live / cache | 0.000 ± 0.000 |" in printed and "Δ heldout_ppl (cache − live)" in printed
+    assert out.read_text().startswith("| setting | n |")
+    with pytest.raises(SystemExit, match="no finished cells"):
+        script.main([str(tmp_path / "live"), str(tmp_path / "nowhere")])

@@ -56,3 +56,31 @@ def test_kl_sum_is_zero_at_equality_and_handles_masked_tokens():
     q = torch.log_softmax(logits.double(), -1)
     expected = (p[..., 1:] * (p[..., 1:].log() - q[..., 1:])).sum().item()
     assert value == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("teacher_first", [True, False])
+def test_kept_teacher_logits_give_the_same_results_with_one_teacher_pass(tiny_assets, monkeypatch, teacher_first):
+    """Within the memory budget the teacher runs once per batch for every model; above it, once per model. The
+    numbers are identical."""
+    teacher, student = tiny_assets["teacher_dir"], tiny_assets["student_dir"]
+    text = tiny_assets["data"]["heldout_text"]
+    names = ["teacher", "student", "student_again"] if teacher_first else ["student", "student_again", "teacher"]
+    dirs = {"teacher": teacher, "student": student, "student_again": student}
+    models = {name: dirs[name] for name in names}
+    calls = []
+    real_load = heldout_metrics._load
+
+    def counting_load(folder):
+        model = real_load(folder)
+        if str(folder) == str(teacher):
+            model.register_forward_hook(lambda *_: calls.append(1))
+        return model
+
+    monkeypatch.setattr(heldout_metrics, "_load", counting_load)
+    kept = heldout_metrics.evaluate_heldout(models, text, teacher="teacher", seq_len=40, max_windows=5, batch_size=2)
+    kept_calls, calls[:] = len(calls), []
+    recomputed = heldout_metrics.evaluate_heldout(models, text, teacher="teacher", seq_len=40, max_windows=5,
+                                                  batch_size=2, keep_teacher_logits_bytes=0)
+    assert kept == recomputed
+    batches = 3  # 5 windows in batches of 2
+    assert kept_calls == batches and len(calls) == batches * 3

@@ -64,6 +64,7 @@ def evaluate_heldout(
     seq_len: int = 128,
     max_windows: int = 32,
     batch_size: int = 4,
+    keep_teacher_logits_bytes: int = 2**30,
 ) -> dict[str, dict[str, float]]:
     """Perplexity of every model on held-out text and, against ``teacher``, top-1 agreement and forward KL.
 
@@ -74,6 +75,9 @@ def evaluate_heldout(
         seq_len (int): tokens per window (including bos).
         max_windows (int): number of windows evaluated.
         batch_size (int): windows per forward pass.
+        keep_teacher_logits_bytes (int): keep the teacher's logits for the whole text in memory (so the teacher runs
+            once) when they take at most this many bytes; above it they are recomputed for every model. The results
+            are the same either way.
 
     Returns:
         dict: ``{name: {"nll": mean next-token NLL (nats), "perplexity": exp(nll), "tokens": count, and with a
@@ -82,9 +86,23 @@ def evaluate_heldout(
     """
     first = next(iter(model_dirs.values()))
     windows = heldout_windows(first, Path(text_path).read_text(), seq_len, max_windows)
-    # Both models stay loaded and the teacher's logits are recomputed batch by batch: keeping them for the whole
-    # text would take windows × seq_len × vocab floats (0.9 GB for SmolLM2's 49,152 tokens and 48 windows).
     teacher_model = _load(model_dirs[teacher]) if teacher is not None else None
+    # The teacher's logits for the whole text are kept when they fit `keep_teacher_logits_bytes` (then the teacher
+    # runs once, not once per model); otherwise it stays loaded and recomputes them batch by batch (the whole text
+    # takes windows × seq_len × vocab floats: 0.9 GB for SmolLM2's 49,152 tokens and 48 windows).
+    kept: Optional[dict[int, torch.Tensor]] = None
+    if teacher_model is not None:
+        vocab = int(teacher_model.get_output_embeddings().weight.shape[0])
+        kept = {} if windows.shape[0] * (windows.shape[1] - 1) * vocab * 4 <= keep_teacher_logits_bytes else None
+
+    def teacher_logits(start: int, batch: torch.Tensor) -> torch.Tensor:
+        if kept is not None and start in kept:
+            return kept[start]
+        logits = teacher_model(batch).logits.float()[:, :-1]
+        if kept is not None:
+            kept[start] = logits
+        return logits
+
     results: dict[str, dict[str, float]] = {}
     for name, folder in model_dirs.items():
         model = teacher_model if name == teacher else _load(folder)
@@ -92,14 +110,14 @@ def evaluate_heldout(
         count = 0
         for start in range(0, len(windows), batch_size):
             batch = windows[start: start + batch_size]
-            logits = model(batch).logits.float()[:, :-1]
+            logits = teacher_logits(start, batch) if model is teacher_model else model(batch).logits.float()[:, :-1]
             targets = batch[:, 1:]
             nll += torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
             ).item()
             count += targets.numel()
             if teacher_model is not None:
-                t_logits = logits if model is teacher_model else teacher_model(batch).logits.float()[:, :-1]
+                t_logits = logits if model is teacher_model else teacher_logits(start, batch)
                 agree += (logits.argmax(-1) == t_logits.argmax(-1)).sum().item()
                 kl += kl_sum(t_logits, logits)
         entry = {"nll": nll / count, "perplexity": math.exp(nll / count), "tokens": float(count)}

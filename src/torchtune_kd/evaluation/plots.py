@@ -15,6 +15,19 @@ PLOT_METRICS: tuple[str, ...] = ("loss", "ce_loss", "kd_loss", "ir_loss", "weigh
 _LINESTYLES: tuple[str, ...] = ("-", "--", ":", "-.")
 
 
+def _save(fig: Any, out: Union[str, Path], title: Optional[str]) -> None:
+    """Title, lay out, write the PNG (creating its folder) and free the figure."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def select_plot_panels(
     runs: Mapping[str, Mapping[str, Any]], metrics: Sequence[str] = PLOT_METRICS
 ) -> list[tuple[str, list[str]]]:
@@ -93,11 +106,57 @@ def plot_runs(
             ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out, title)
     return [name for _, names in panels for name in names]
+
+
+def plot_metrics_by_step(
+    curves: Mapping[str, Sequence[tuple[int, Mapping[str, float]]]],
+    out: Union[str, Path],
+    metrics: Sequence[tuple[str, str]],
+    references: Optional[Mapping[str, Mapping[str, float]]] = None,
+    title: Optional[str] = None,
+) -> None:
+    """Draw evaluation metrics of saved checkpoints against the training step, one subplot per metric; save a PNG.
+
+    Args:
+        curves (Mapping): run label -> ``[(step, {metric: value})]``, e.g. held-out metrics of each exported
+            ``epoch_N`` folder (step 0 being the model before training).
+        out (str | Path): the PNG path (parent folders are created).
+        metrics (Sequence[tuple[str, str]]): ``(metric key, panel title)`` per subplot, in order.
+        references (Mapping | None): label -> ``{metric: value}`` drawn as horizontal dashed lines (e.g. the
+            teacher).
+        title (str | None): figure title.
+
+    Raises:
+        ValueError: no curves, no metrics, or a point lacks one of the metrics.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training machines
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    if not curves or not metrics:
+        raise ValueError("plot_metrics_by_step needs at least one curve and one metric.")
+    for label, points in curves.items():
+        for step, values in points:
+            missing = [key for key, _ in metrics if key not in values]
+            if missing:
+                raise ValueError(f"curve {label!r} at step {step} lacks metric(s) {missing}.")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, panel_title) in zip(axes.flat, metrics):
+        for r, (label, points) in enumerate(curves.items()):
+            ordered = sorted(points, key=lambda point: point[0])
+            ax.plot([s for s, _ in ordered], [v[key] for _, v in ordered], label=label, marker="o", markersize=4,
+                    color=colors[r % len(colors)])
+        for r, (label, values) in enumerate((references or {}).items()):
+            if key in values:
+                ax.axhline(values[key], label=label, linestyle="--", color="0.35" if r == 0 else colors[-1 - r])
+        ax.set_title(panel_title)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    _save(fig, out, title)
