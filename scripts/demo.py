@@ -57,7 +57,9 @@ def stage(number: int, text: str) -> None:
     print(f"\n=== [{number}/{STAGES}] {text}", flush=True)
 
 
-def tune_run(config: Path, output_dir: Path, overrides: list[str], env: dict[str, str], label: str) -> list[tuple[int, Path]]:
+def tune_run(
+    config: Path, output_dir: Path, overrides: list[str], env: dict[str, str], label: str, steps_per_export: int
+) -> list[tuple[int, Path]]:
     """Run the recipe in a subprocess, showing its progress; return ``[(global step, export folder)]`` per epoch."""
     from torchtune_kd import tune_cli
 
@@ -88,7 +90,6 @@ def tune_run(config: Path, output_dir: Path, overrides: list[str], env: dict[str
     # The demo never resumes: its runs' optimiser states (3x the weights per checkpoint) would only fill the disk.
     shutil.rmtree(output_dir / "training_state", ignore_errors=True)
     exports = sorted(output_dir.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
-    steps_per_export = int(next(o for o in overrides if o.startswith("max_steps_per_epoch=")).split("=")[1])
     return [(steps_per_export * (int(p.name.split("_")[1]) + 1), p) for p in exports]
 
 
@@ -208,7 +209,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     cache = (args.cache or REPO / "cache" / ("tiny_demo" if args.tiny else "smollm2")).resolve()
     claim_output_folder(out)
     started = time.time()
-    sys.path.insert(0, str(REPO / "src"))
     from torchtune_kd import experiment
 
     stage(1, "set-up: " + ("tiny stand-ins" if args.tiny else "teacher SmolLM2-135M-Instruct and real text"))
@@ -234,12 +234,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                                          base_kd_keys=base_kd_keys) + common
 
     stage(3, f"recover CE-only: {total_steps} steps on the data alone")
-    ce_only = tune_run(setup["config"], out / "ce_only", overrides_for(experiment.BASELINE), setup["env"], "ce_only")
+    ce_only = tune_run(setup["config"], out / "ce_only", overrides_for(experiment.BASELINE), setup["env"], "ce_only",
+                       args.steps_per_export)
 
     scales = DISTILLED["scales"]
     stage(4, f"recover by distillation: {DISTILLED['divergence']} (ce {scales['ce']:g} / kd {scales['kd']:g}), the same "
              f"{total_steps} steps, batches and data order")
-    distilled = tune_run(setup["config"], out / "distilled", overrides_for(DISTILLED["divergence"]), setup["env"], "distilled")
+    distilled = tune_run(setup["config"], out / "distilled", overrides_for(DISTILLED["divergence"]), setup["env"], "distilled",
+                         args.steps_per_export)
 
     stage(5, "evaluate: held-out perplexity, KL to the teacher and agreement of every checkpoint; lm-eval pipeline check")
     from torchtune_kd.evaluation import heldout_metrics, lm_eval_runner, plots, run_logs, tables
