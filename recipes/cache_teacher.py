@@ -9,7 +9,13 @@ packing, the KD loss's temperature)::
 then distil from it with ``teacher_cache.path=cache/teacher_top64`` (and ``layer_mapping=null``: the cache holds no
 hidden states). The format and what a cache is checked against: ``torchtune_kd.core.teacher_cache``.
 
-An interrupted pre-pass resumes when rerun (whole shards are kept; the result is the same). With several GPUs,
+The cache folder is this command's output folder (``torchtune_kd.output_folder``, owner ``recipes/cache_teacher.py``):
+it is claimed before the teacher loads, each shard and the manifest are claimed before they are written, and only
+what the folder's marker lists is ever deleted (a stale cache with ``teacher_cache.overwrite=true``, a damaged shard),
+never a file the pre-pass did not write. The manifest records each shard's size and SHA-256.
+
+An interrupted pre-pass resumes when rerun (whole shards are kept; the result is the same); a rerun over a complete
+cache verifies every shard's SHA-256 and rewrites any damaged one. With several GPUs,
 ``tune run --nproc_per_node N recipes/cache_teacher.py ...`` gives each rank every N-th shard (each rank holds a
 whole teacher: this is inference, no sharding of weights), and rank 0 writes the manifest when all are done.
 """
@@ -40,7 +46,8 @@ class TeacherCachePrepass:
 
     Raises:
         preflight.ConfigError: every problem of the config, before the teacher loads.
-        teacher_cache.CacheError: the folder holds something else, or another cache without ``overwrite``.
+        teacher_cache.CacheError: the folder holds files the pre-pass did not write (refused by the pre-flight, before
+            anything is written), or another cache without ``overwrite``.
     """
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -76,23 +83,26 @@ class TeacherCachePrepass:
             torch.distributed.barrier()
 
     def run(self) -> None:
-        """Fingerprint, prepare the folder, run the teacher over the missing shards, write the manifest."""
+        """Fingerprint, claim and prepare the folder, run the teacher over the missing shards, write the manifest."""
         start = time.perf_counter()
         fingerprint, stamps = teacher_cache.fingerprint(
             self._cfg, self._dataset, temperature=self._temperature, ignore_index=self._ignore_index,
             vocab_size=self._facts.teacher_vocab, top_k=self._top_k,
         )
         digest = teacher_cache.fingerprint_digest(fingerprint)
+        count = len(self._dataset)
         if self.rank == 0:
-            teacher_cache.prepare_folder(self._cache, digest)
+            # Only rank 0 writes the folder's marker: every shard name is claimed here, before any rank writes one.
+            _, damaged = teacher_cache.prepare_folder(self._cache, digest, count)
+            if damaged:
+                log.warning(f"Rewriting damaged shard(s) of the cache: {', '.join(damaged)}.")
         self._barrier()
         manifest = teacher_cache.read_manifest(self._cache.path)
         if manifest is not None and manifest.get("fingerprint_digest") == digest:
             if self.rank == 0:
                 print(f"Teacher cache in {self._cache.path} is complete and current: {teacher_cache.describe(manifest)}")
             return
-        done = set(teacher_cache.completed_shards(self._cache.path, digest))
-        count = len(self._dataset)
+        done = set(teacher_cache.completed_shards(self._cache, digest, count))
         shards = range(teacher_cache.num_shards(count, self._cache.samples_per_shard))
         todo = [s for s in shards if s % self.world_size == self.rank and s not in done]
         if self.rank == 0 and done:

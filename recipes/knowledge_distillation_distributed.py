@@ -35,7 +35,7 @@ from torch.distributed import destroy_process_group, init_process_group
 from torchtune import config, training, utils
 from torchtune.modules.peft import get_adapter_state_dict
 
-from torchtune_kd.core import checkpointing, distributed, models, preflight, safety
+from torchtune_kd.core import checkpointing, distributed, models, preflight, safety, teacher_cache
 
 
 def _single_device_recipe_module():
@@ -112,6 +112,9 @@ class KDRecipeDistributed(KDRecipeSingleDevice):
 
     def _stop_signal(self) -> Optional[int]:
         return distributed.max_over_ranks(self._signals.received, self._device)
+
+    def _signal_exit_note(self, signum: int) -> str:
+        return safety.exit_note(signum, launcher=True)
 
     def _gather_model_state(self, trainable_only: bool) -> Dict[str, torch.Tensor]:
         keep = _is_adapter_key if trainable_only and self._is_lora else (lambda name: True)
@@ -203,9 +206,18 @@ class KDRecipeDistributed(KDRecipeSingleDevice):
             super()._log_memory(message)
 
     def save_checkpoint(self, epoch: int, steps_in_epoch: int = 0) -> None:
-        """Gather on every rank, write on rank 0; every rank returns once the checkpoint is on disk."""
-        super().save_checkpoint(epoch, steps_in_epoch)
-        torch.distributed.barrier()
+        """Gather on every rank, write on rank 0; every rank returns once the checkpoint is on disk, or raises rank
+        0's error when it could not be written (instead of waiting for it at a barrier)."""
+        error = None
+        try:
+            super().save_checkpoint(epoch, steps_in_epoch)
+        except checkpointing.CheckpointError as err:
+            error = str(err)
+        failed = distributed.gather_errors(error)
+        if failed:
+            raised = checkpointing.CheckpointError(failed[min(failed)])
+            raised.on_every_rank = True  # one message for the job: rank 0 prints it
+            raise raised
 
     def cleanup(self) -> None:
         super().cleanup()
@@ -219,7 +231,8 @@ def recipe_main(cfg: DictConfig) -> None:
 
     As in the single-device recipe, problems a user can fix end every rank with exit status 1 and one plain
     message (printed by rank 0, or by the rank that hit it); a SIGTERM/SIGINT received by any rank makes all ranks
-    checkpoint together and exit with 128 + the signal number.
+    checkpoint together and exit with 128 + the signal number, which torchrun turns into its own exit status 1 (a
+    worker cannot change that): rank 0's last line says so, and where the complete checkpoint is.
     """
     if not training.is_distributed():
         print(
@@ -259,6 +272,13 @@ def recipe_main(cfg: DictConfig) -> None:
             print(f"\nError: {err}", file=sys.stderr)
         sys.exit(1)
     except checkpointing.CheckpointError as err:
+        if not getattr(err, "on_every_rank", False):
+            print(f"\nError (rank {rank}): {err}", file=sys.stderr)
+        elif rank == 0:
+            print(f"\nError: {err}", file=sys.stderr)
+        sys.exit(1)
+    except teacher_cache.CacheError as err:
+        # A damaged shard is found by the rank that reads it (each reads its own samples); the launcher ends the rest.
         print(f"\nError (rank {rank}): {err}", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -34,6 +34,7 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from torchtune.training import DummyProfiler, PROFILER_KEY
 from tqdm import tqdm
 
+from torchtune_kd import output_folder
 from torchtune_kd.core import (
     alignment, checkpointing, data, fused_output, loss_step, loss_weighting, models, preflight, safety, teacher_cache,
 )
@@ -74,6 +75,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._save_adapter_weights_only = cfg.get("save_adapter_weights_only", False)
         self._save_projections = cfg.get("save_projections", True)
         self._gradient_accumulation_steps = cfg.gradient_accumulation_steps
+        self._batch_size = cfg.batch_size
         self._clip_grad_norm = cfg.get("clip_grad_norm", None)
         self._projection_lr_multiplier = float(cfg.get("projection_lr_multiplier", 1.0))
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
@@ -90,6 +92,8 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._dataloader_state: Optional[Dict[str, Any]] = None
         self._last_checkpoint: Optional[Path] = None
         self._stopped_by: Optional[int] = None
+        # The claimed output folder (rank 0 only: it alone writes there).
+        self._output_folder: Optional[output_folder.OwnedFolder] = None
 
     # ------------------------------------------------------- data-parallel hooks
 
@@ -115,6 +119,10 @@ class KDRecipeSingleDevice(FTRecipeInterface):
     def _stop_signal(self) -> Optional[int]:
         """Data-parallel hook: the SIGTERM/SIGINT received (by any rank), or ``None``."""
         return self._signals.received
+
+    def _signal_exit_note(self, signum: int) -> str:
+        """Data-parallel hook: the line saying which exit status follows a signal stop."""
+        return safety.exit_note(signum)
 
     def _gather_model_state(self, trainable_only: bool) -> Dict[str, torch.Tensor]:
         """Data-parallel hook: CPU copies of the student's state dict (only the adapters if ``trainable_only`` and
@@ -162,17 +170,34 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         """Build everything: models, tokenizer, alignment, losses, optimiser, data, scheduler; restore a resume.
 
         Raises:
-            preflight.ConfigError: nothing to resume, or a changed layer mapping on resume.
+            preflight.ConfigError: the output folder cannot be claimed, nothing to resume, or a changed layer mapping
+                on resume.
             checkpointing.CheckpointError: the training state to resume cannot be loaded safely.
         """
+        if self._is_rank_zero:
+            # Before anything is built or written: the run's folder, by the shared rule (the pre-flight checked it).
+            self._output_folder, removed = checkpointing.claim_output_dir(
+                self._output_dir, resume=self._resume_from_checkpoint,
+                overwrite=cfg.get("overwrite_output_dir", False), side=checkpointing.side_dirs(cfg),
+            )
+            for path in removed:
+                log.info(f"overwrite_output_dir=True: removed the earlier run's {path}")
         state = None
         if self._resume_from_checkpoint:
             state, path = checkpointing.load_latest_training_state(self._output_dir)
             self._last_checkpoint = path.parent
             log.info(f"Resuming from {path} (epochs run: {state[training.EPOCHS_KEY]}, step {state['global_step']}).")
-        elif cfg.get("overwrite_output_dir", False) and self._is_rank_zero:
-            for removed in checkpointing.remove_previous_run(self._output_dir):
-                log.info(f"overwrite_output_dir=True: removed the earlier run's {removed}")
+            # The pre-flight checked these on a memory-mapped read; again here (before any model is built) for a
+            # state it could not read that way.
+            problems = [problem for problem in (
+                checkpointing.loss_scaling_problem(state, path, loss_weighting.LossWeighting.from_recipe_config(cfg).method),
+                checkpointing.global_batch_problem(
+                    state, path, batch_size=self._batch_size,
+                    gradient_accumulation_steps=self._gradient_accumulation_steps, world_size=self.world_size,
+                ),
+            ) if problem]
+            if problems:
+                raise preflight.ConfigError(problems)
 
         self._metric_logger = None
         if self._is_rank_zero:
@@ -249,11 +274,20 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         if state is not None:
             self._restore_training_state(state)
 
+        self._lr_schedule_steps = self.total_epochs * self._steps_per_epoch
+        ended_lr = self._optimizer.param_groups[0]["lr"]
         self._lr_scheduler = self._setup_lr_scheduler(
             cfg.get("lr_scheduler", None),
-            num_training_steps=self.total_epochs * self._steps_per_epoch,
+            num_training_steps=self._lr_schedule_steps,
             last_epoch=self.global_step - 1,
         )
+        if state is not None and self._lr_scheduler is not None and self._is_rank_zero:
+            change = checkpointing.lr_schedule_change(
+                state, schedule_steps=self._lr_schedule_steps, steps_per_epoch=self._steps_per_epoch,
+                ended_lr=ended_lr, resumed_lr=self._optimizer.param_groups[0]["lr"], output_dir=self._output_dir,
+            )
+            if change:
+                log.warning(change)
         self._profiler = self._setup_profiler(cfg.get(PROFILER_KEY, None))
         self._activations_handling_ctx = training.get_act_offloading_ctx_manager(
             self._model, cfg.get("enable_activation_offloading", False)
@@ -287,16 +321,22 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         """
         if state.get("dataloader") is None:
             return None
-        if state.get("world_size", 1) == self.world_size:
+        saved_batch_size = (state.get("settings") or {}).get("batch_size", self._batch_size)
+        if state.get("world_size", 1) == self.world_size and saved_batch_size == self._batch_size:
+            # The loader's state counts batches: valid only for batches of the same size.
             return state["dataloader"]
         seen = state.get("samples_in_epoch")
-        if seen is None or state.get("global_batch") != self._global_batch or seen % self.world_size:
-            raise preflight.ConfigError([
-                f"the training state was saved mid-epoch by a run on {state.get('world_size', 1)} process(es) with a "
-                f"global batch of {state.get('global_batch')} samples; this run has {self.world_size} with "
-                f"{self._global_batch} (batch_size x gradient_accumulation_steps x world size): resume with the same "
-                "global batch, or from an epoch-end checkpoint"
-            ])
+        # The pre-flight refuses another global batch first; this guards states written without one.
+        problem = checkpointing.global_batch_problem(
+            state, self._last_checkpoint or self._output_dir, batch_size=self._batch_size,
+            gradient_accumulation_steps=self._gradient_accumulation_steps, world_size=self.world_size,
+        )
+        if problem or seen is None or seen % self.world_size:
+            raise preflight.ConfigError([problem or (
+                f"the training state {str(self._last_checkpoint)!r} was saved mid-epoch by a run on "
+                f"{state.get('world_size', 1)} process(es) and does not record its position in samples: resume with "
+                "its world size and batch_size, or from an epoch-end training state"
+            )])
         return {"sampler_yielded": seen // self.world_size}
 
     def _setup_model(
@@ -586,7 +626,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         if stop is not None:
             self._stopped_by = stop
             if self._is_rank_zero:
-                self._signals.report(self.global_step, self._last_checkpoint, stop)
+                self._signals.report(self.global_step, self._last_checkpoint, stop, note=self._signal_exit_note(stop))
             return False
         return True
 
@@ -597,7 +637,9 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         epoch end (``steps_in_epoch == 0``) the exports, always (last) the training state resume needs.
 
         Raises:
-            checkpointing.CheckpointError: a weight is NaN/inf (nothing is written).
+            checkpointing.CheckpointError: a weight is NaN/inf (nothing is written), or the save could not be
+                written (a read-only folder, a full disk, an entry in the way): the message names the newest complete
+                training state, which the atomic writes kept intact.
         """
         end_of_epoch = steps_in_epoch == 0
         # Gathered on every rank (collectives under data parallelism), written by rank 0 only.
@@ -607,23 +649,10 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         rng = self._rng_state()
         if not self._is_rank_zero:
             return
-        checkpointing.clean_leftovers(
-            self._output_dir, self._output_dir / "adapters", self._output_dir / checkpointing.TRAINING_STATE_DIR
-        )
-        checkpointing.clean_incomplete_states(self._output_dir)
         trainable = get_adapter_state_dict(model_state) if self._is_lora else model_state
         checkpointing.require_finite(trainable, "the student's weights")
         checkpointing.require_finite(projections or {}, "the projections")
-
-        if end_of_epoch:
-            checkpointing.save_student(
-                self._checkpointer, model_state, self._output_dir, epoch,
-                lora=self._lora, adapter_weights_only=self._save_adapter_weights_only,
-            )
-            if projections and self._save_projections:
-                checkpointing.save_projections(
-                    self._aligner.pairs, projections, self._output_dir / "projections" / f"epoch_{epoch}" / "projections.pt"
-                )
+        what = f"epoch {epoch}" if end_of_epoch else f"step {self.global_step} (epoch {epoch}, mid-epoch)"
         state = {
             training.SEED_KEY: self.seed,
             training.EPOCHS_KEY: self.epochs_run,
@@ -637,6 +666,8 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             "samples_in_epoch": steps_in_epoch * self._global_batch,
             "global_batch": self._global_batch,
             "world_size": self.world_size,
+            # The length of the lr schedule this state was trained with (a resume that changes it says so).
+            "lr_schedule_steps": self._lr_schedule_steps,
             training.OPT_KEY: optimizer_state,
             "trainable": trainable,
             "projections": projections,
@@ -646,10 +677,44 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             "nonfinite_steps": self._guard.skipped,
             "rng": rng,
         }
-        path = checkpointing.save_training_state(state, self._output_dir, self.global_step, self._keep_last_n)
+        try:
+            path = self._write_checkpoint(epoch if end_of_epoch else None, model_state, projections, state)
+        except (OSError, output_folder.OutputFolderError) as err:
+            raise checkpointing.save_failure(err, self._output_dir, f"the checkpoint of {what}") from None
         self._last_checkpoint = path.parent
-        what = f"epoch {epoch}" if end_of_epoch else f"step {self.global_step} (epoch {epoch}, mid-epoch)"
         log.info(f"Saved {what}; training state for resume in {path.parent}.")
+
+    def _write_checkpoint(
+        self,
+        epoch: Optional[int],
+        model_state: Dict[str, torch.Tensor],
+        projections: Optional[Dict[str, torch.Tensor]],
+        state: Dict[str, Any],
+    ) -> Path:
+        """Rank 0's writes of :meth:`save_checkpoint` (``epoch``: the epoch whose end this is, ``None`` mid-epoch):
+        each top-level entry is claimed in the output folder's marker before it is written."""
+        folder = self._output_folder
+        save_projections = bool(projections) and self._save_projections
+        folder.claim(*checkpointing.entries_to_claim(
+            epoch, lora=self._is_lora, adapter_weights_only=self._save_adapter_weights_only, projections=save_projections,
+        ))
+        # Leftovers of an interrupted save: at the top only the temporaries of entries the marker lists; inside
+        # the recipes' own folders, this module's temporary names.
+        folder.remove_temporaries()
+        checkpointing.clean_leftovers(*(
+            self._output_dir / name for name in ("adapters", checkpointing.TRAINING_STATE_DIR) if folder.owns(name)
+        ))
+        checkpointing.clean_incomplete_states(self._output_dir)
+        if epoch is not None:
+            checkpointing.save_student(
+                self._checkpointer, model_state, self._output_dir, epoch,
+                lora=self._lora, adapter_weights_only=self._save_adapter_weights_only,
+            )
+            if save_projections:
+                checkpointing.save_projections(
+                    self._aligner.pairs, projections, self._output_dir / "projections" / f"epoch_{epoch}" / "projections.pt"
+                )
+        return checkpointing.save_training_state(state, self._output_dir, self.global_step, self._keep_last_n)
 
     def cleanup(self) -> None:
         for capture in (getattr(self, "_student_capture", None), getattr(self, "_teacher_capture", None)):
@@ -663,16 +728,16 @@ class KDRecipeSingleDevice(FTRecipeInterface):
 def recipe_main(cfg: DictConfig) -> None:
     """Entry point: ``tune run recipes/knowledge_distillation_single_device.py --config ... [key=value ...]``.
 
-    Problems a user can fix (config, files, an unsafe resume, a diverged run) end the process with a plain message
-    and exit status 1 instead of a traceback; a run stopped by SIGTERM/SIGINT exits with 128 + the signal number
-    after its checkpoint is written.
+    Problems a user can fix (config, files, an unsafe resume, a diverged run, a save that cannot be written) end the
+    process with a plain message and exit status 1 instead of a traceback; a run stopped by SIGTERM/SIGINT exits
+    with 128 + the signal number after its checkpoint is written.
     """
     recipe = None
     try:
         recipe = KDRecipeSingleDevice(cfg=cfg)
         recipe.setup(cfg=cfg)
         recipe.train()
-    except (preflight.ConfigError, checkpointing.CheckpointError, safety.TrainingDivergedError) as err:
+    except (preflight.ConfigError, checkpointing.CheckpointError, safety.TrainingDivergedError, teacher_cache.CacheError) as err:
         print(f"\nError: {err}", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -40,9 +40,11 @@ How to read the output: the exact command comes first. "pre-pass" rows: cost per
 for each k. "epoch" rows: per round, the live and cached epoch seconds and cached / live (the issue asks for
 ≤ 0.5), with the median over rounds last; peak RSS of both and their ratio. "quality" rows: live and cached mean ±
 se and Δ (cached − live) ± se, with ``*`` where a paired t-test at 95% rejects Δ = 0 (needs ≥ 2 seeds). Everything
-is also written to ``<workdir>/results.json``. All files go under ``--workdir`` (default ``cache/bench_cache``); a
-rerun removes that folder's previous runs, caches and experiment outputs (the stand-ins and random checkpoints are
-reused: they are deterministic).
+is also written to ``<workdir>/results.json``. All files go under ``--workdir`` (default ``cache/bench_cache``), which
+must be new, empty, or a folder this script wrote (its marker file ``.torchtune_kd_outputs.json`` lists what it
+wrote); anything else is refused before anything is built. A rerun removes that folder's previous runs, caches and
+experiment outputs (the stand-ins and random checkpoints are reused: they are deterministic); a file this script did
+not write is never replaced or deleted.
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -65,7 +66,12 @@ REPO = Path(__file__).resolve().parents[1]
 # own command-line code (so each config is one a user could type).
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "src"))
 import bench_recipe  # noqa: E402
+
+from torchtune_kd import output_folder  # noqa: E402
+
+OWNER = "scripts/bench_cache.py"
 
 RECIPE = "recipes/knowledge_distillation_single_device.py"
 PREPASS = "recipes/cache_teacher.py"
@@ -96,8 +102,14 @@ def parameter_count(cfg_model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def speed_configs(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Write the live config, the cached config and the random checkpoints; return paths and model sizes.
+def speed_tag(args: argparse.Namespace) -> str:
+    """The shapes in the names of the random checkpoints' folders."""
+    return f"v{VOCAB}_s2x{args.student_dim}_t{args.teacher_layers}x{args.teacher_dim}"
+
+
+def speed_configs(workdir: output_folder.OwnedFolder, args: argparse.Namespace) -> dict[str, Any]:
+    """Write the live config, the cached config and the random checkpoints (each entry of ``workdir`` claimed
+    first); return paths and model sizes.
 
     Returns:
         dict: ``live`` / ``cached`` config paths, ``samples`` (the dataset's size = one epoch), ``student_params``,
@@ -109,9 +121,12 @@ def speed_configs(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from recipe_utils import tiny_config
     from torchtune_kd.testing import standins
 
-    assets = workdir / "assets"
+    tag = speed_tag(args)
+    workdir.claim("assets", "long_samples.json", f"student_{tag}", f"teacher_{tag}", "live.yaml", "cached.yaml")
+    root = workdir.path.resolve()
+    assets = root / "assets"
     standins.build_all(assets)
-    data = bench_recipe.long_samples(assets, workdir / "long_samples.json")
+    data = bench_recipe.long_samples(assets, root / "long_samples.json")
     available = len(json.loads(data.read_text()))
     samples = args.steps * args.batch_size
     if samples > available:
@@ -124,33 +139,34 @@ def speed_configs(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
         "gradient_accumulation_steps=1", "seed=0", "shuffle=false", "lr_scheduler.num_warmup_steps=1",
         "log_peak_memory_stats=false", *FORWARD_KL_NO_IR,
     ]
-    probe = tiny_config(assets, workdir / "probe", common)
+    probe = tiny_config(assets, root / "probe", common)  # only read: nothing is written to its output_dir
     student_params, teacher_params = parameter_count(probe.model), parameter_count(probe.teacher_model)
-    tag = f"v{VOCAB}_s2x{args.student_dim}_t{args.teacher_layers}x{args.teacher_dim}"
-    folders = {"model": workdir / f"student_{tag}", "teacher_model": workdir / f"teacher_{tag}"}
+    folders = {"model": root / f"student_{tag}", "teacher_model": root / f"teacher_{tag}"}
     for seed, (key, folder) in enumerate(folders.items()):
         standins.write_random_checkpoint(probe[key], folder, dtype=torch.float32, seed=seed)
     common += [f"checkpointer.checkpoint_dir={folders['model']}",
                f"teacher_checkpointer.checkpoint_dir={folders['teacher_model']}", "overwrite_output_dir=true"]
-    cache_dirs = {k: workdir / "caches" / f"top{k}" for k in args.k_list}
+    cache_dirs = {k: root / "caches" / f"top{k}" for k in args.k_list}
     result: dict[str, Any] = {"samples": samples, "student_params": student_params, "teacher_params": teacher_params,
                               "cache_dirs": cache_dirs}
     for name, extra in (("live", []), ("cached", [f"teacher_cache.path={cache_dirs[args.cached_k]}",
                                                    f"teacher_cache.top_k={args.cached_k}"])):
-        out = workdir / "runs" / name
+        out = root / "runs" / name
         cfg = tiny_config(assets, out, [*common, *extra, f"metric_logger.log_dir={out / 'logs'}"])
-        result[name] = workdir / f"{name}.yaml"
+        result[name] = root / f"{name}.yaml"
         OmegaConf.save(cfg, result[name])
     return result
 
 
-def run_prepass(config: Path, cache_dir: Path, k: int, log: Path) -> dict[str, float]:
-    """One pre-pass as a fresh ``tune run`` into an emptied ``cache_dir``; its wall time and the manifest's totals."""
+def run_prepass(config: Path, caches: output_folder.OwnedFolder, cache_dir: Path, k: int, log: Path) -> dict[str, float]:
+    """One pre-pass as a fresh ``tune run`` into ``cache_dir`` (an entry of ``caches``, emptied first); its wall time
+    and the manifest's totals."""
     from torchtune_kd import tune_cli
     from torchtune_kd.core import teacher_cache
 
-    # Our own folder from an earlier run: a complete cache would make the pre-pass a no-op.
-    shutil.rmtree(cache_dir, ignore_errors=True)
+    # Our own cache from an earlier pre-pass: a complete cache would make the pre-pass a no-op.
+    caches.claim(cache_dir.name)
+    caches.remove(cache_dir.name)
     overrides = [f"teacher_cache.path={cache_dir}", f"teacher_cache.top_k={k}", "teacher_cache.dtype=float16"]
     started = time.perf_counter()
     with log.open("w") as sink:
@@ -187,13 +203,18 @@ def epoch_seconds(run_dir: Path, step_tokens: Sequence[int], warmup: int) -> flo
     return sum(step_tokens[step - 1] / rates[step] for step in rates if step > warmup)
 
 
-def measure_speed(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def measure_speed(workdir: output_folder.OwnedFolder, args: argparse.Namespace) -> dict[str, Any]:
     """Pre-pass per k, then live and cached epochs interleaved per round (see the module docstring)."""
     from omegaconf import OmegaConf
 
-    for folder in ("runs", "caches", "logs"):  # this benchmark's own outputs from an earlier run
-        shutil.rmtree(workdir / folder, ignore_errors=True)
-    (workdir / "logs").mkdir(parents=True)
+    workdir.claim("runs", "caches", "logs")
+    for name in ("runs", "caches", "logs"):  # this benchmark's own outputs from an earlier run
+        workdir.remove(name)
+    logs = workdir.path.resolve() / "logs"
+    logs.mkdir()
+    runs = bench_recipe.runs_folder(workdir)
+    runs.claim("live", "cached")  # before the pre-pass, which writes into the live config's output_dir too
+    caches = output_folder.claim_output_folder(workdir.path / "caches", owner=OWNER, option="--workdir")
     setup = speed_configs(workdir, args)
     ratio = setup["teacher_params"] / setup["student_params"]
     print(f"student {setup['student_params']:,} parameters (2 x {args.student_dim}, full fine-tune), teacher "
@@ -201,14 +222,14 @@ def measure_speed(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
           flush=True)
     prepass = []
     for k in args.k_list:
-        prepass.append(run_prepass(setup["live"], setup["cache_dirs"][k], k, workdir / "logs" / f"prepass_top{k}.log"))
+        prepass.append(run_prepass(setup["live"], caches, setup["cache_dirs"][k], k, logs / f"prepass_top{k}.log"))
         print(f"pre-pass k={k}: {prepass[-1]}", flush=True)
     step_tokens = tokens_per_step(setup["cache_dirs"][args.cached_k], args.steps, args.batch_size)
     rounds = []
     for index in range(args.rounds):
         result = {}
         for name in ("live", "cached"):
-            measured = bench_recipe.run_once(RECIPE, setup[name], args.warmup, workdir / "logs" / f"{name}_round{index + 1}.log")
+            measured = bench_recipe.run_once(RECIPE, setup[name], args.warmup, logs / f"{name}_round{index + 1}.log", runs)
             run_dir = Path(OmegaConf.load(setup[name]).output_dir)
             result[name] = {"epoch_seconds": epoch_seconds(run_dir, step_tokens, args.warmup),
                             "max_rss_mib": measured["max_rss_mib"]}
@@ -307,12 +328,16 @@ def read_cells(out: Path) -> dict[tuple[str, int], dict[str, Any]]:
     return cells
 
 
-def measure_quality(workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def measure_quality(folder: output_folder.OwnedFolder, args: argparse.Namespace) -> dict[str, Any]:
     """Run the experiment live and from the cache; per setting and metric: both means ± se and the paired Δ."""
     from torchtune_kd.experiment import mean_se, t_critical
 
-    shutil.rmtree(workdir / "quality", ignore_errors=True)  # this benchmark's own experiment outputs
-    (workdir / "quality").mkdir(parents=True)
+    # quality/: this benchmark's own experiment outputs, fresh each time; tiny_experiment/: the experiment's
+    # stand-ins, reused (deterministic).
+    folder.claim("quality", "tiny_experiment")
+    folder.remove("quality")
+    workdir = folder.path.resolve()
+    (workdir / "quality").mkdir()
     live, cached = (read_cells(run_experiment(workdir, args, cached=flag)) for flag in (False, True))
     if sorted(live) != sorted(cached):
         raise SystemExit(f"live and cached experiments finished different cells: {sorted(live)} vs {sorted(cached)}")
@@ -373,11 +398,12 @@ def quality_report(quality: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--part", choices=("both", "speed", "quality"), default="both")
     parser.add_argument("--smoke", action="store_true", help="everything tiny and fast, replacing --steps --rounds --ks --cached-k --seeds --quality-steps "
                         "--pretrain-steps --eval-windows (checks the script runs; its numbers mean nothing)")
-    parser.add_argument("--workdir", type=Path, default=REPO / "cache" / "bench_cache", help="every file goes here")
+    parser.add_argument("--workdir", type=Path, default=REPO / "cache" / "bench_cache",
+                        help="every file goes here: a new, empty, or this script's own folder (default: %(default)s)")
     speed = parser.add_argument_group("speed")
     speed.add_argument("--steps", type=int, default=16, help="steps of one epoch (the dataset is steps x batch samples)")
     speed.add_argument("--rounds", type=int, default=3)
@@ -398,7 +424,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
-    args.k_list = [int(k) for k in args.ks.split(",") if k]
+    args.k_list = list(dict.fromkeys(int(k) for k in args.ks.split(",") if k))
     if args.cached_k not in args.k_list:
         parser.error(f"--cached-k {args.cached_k} must be one of --ks {args.ks} (its pre-pass is the cache read)")
     if not 0 <= args.warmup < args.steps:
@@ -410,8 +436,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     shown = list(sys.argv[1:] if argv is None else argv)
     command = f"python scripts/bench_cache.py {shlex.join(shown)}".rstrip()
-    workdir = args.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    # Before anything is built: a folder holding anything but this script's outputs is refused.
+    workdir = output_folder.claim_or_exit(args.workdir.resolve(), owner=OWNER, option="--workdir")
+    tag = speed_tag(args)
+    speed = ["assets", "long_samples.json", f"student_{tag}", f"teacher_{tag}", "live.yaml", "cached.yaml", "runs",
+             "caches", "logs"]
+    try:  # every entry either part writes, so that a name in the way stops the benchmark now, not midway
+        workdir.claim("results.json", *(speed if args.part in ("both", "speed") else []),
+                      *(["quality", "tiny_experiment"] if args.part in ("both", "quality") else []))
+    except output_folder.OutputFolderError as err:
+        raise SystemExit(f"error: {err}") from None
     started = time.perf_counter()
     results: dict[str, Any] = {"command": command, "settings": {k: str(v) for k, v in vars(args).items()}}
     reports = []
@@ -422,10 +456,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results["quality"] = measure_quality(workdir, args)
         reports.append(quality_report(results["quality"], args))
     results["seconds"] = time.perf_counter() - started
-    (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (workdir.path / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"\n## teacher cache benchmark\n\n`{command}`")
     print("\n".join(reports))
-    print(f"\n(total {results['seconds']:.0f} s; results also in {workdir / 'results.json'})")
+    print(f"\n(total {results['seconds']:.0f} s; results also in {workdir.path / 'results.json'})")
     return 0
 
 

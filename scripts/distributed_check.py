@@ -15,6 +15,11 @@ and 2e-2: bf16 keeps ~3 significant digits and the two runs sum in different ord
 stand-in tokenizer and data, a few steps on ``nproc`` processes; prints tokens/s and every rank's peak memory::
 
     python scripts/distributed_check.py dummy --config configs/distributed_3B_to_1B.yaml --nproc 2 --steps 5
+
+Every file goes under ``--workdir`` (default ``cache/distributed_check``), which must be new, empty, or a folder this
+script wrote (its marker file ``.torchtune_kd_outputs.json`` lists what it wrote; a rerun replaces its runs and reuses
+the stand-ins); anything else is refused before anything is built, and a file this script did not write is never
+replaced or deleted.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ from typing import Optional, Sequence
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from torchtune_kd import output_folder  # noqa: E402
+
+OWNER = "scripts/distributed_check.py"
 SINGLE = "recipes/knowledge_distillation_single_device.py"
 DISTRIBUTED = "recipes/knowledge_distillation_distributed.py"
 LORA = [
@@ -50,12 +60,20 @@ def _run(recipe: str, config: Path, overrides: list[str], *, nproc: Optional[int
         raise SystemExit(f"{recipe} failed (exit {result.returncode}); the end of {log}:\n{tail}")
 
 
-def _assets(workdir: Path) -> Path:
+def _assets(workdir: output_folder.OwnedFolder) -> Path:
     from torchtune_kd.testing import standins
 
-    root = workdir / "assets"
+    root = workdir.path_of("assets").resolve()
     standins.build_all(root)
     return root
+
+
+def _fresh(parent: output_folder.OwnedFolder, name: str) -> output_folder.OwnedFolder:
+    """``parent/name`` as an empty folder of this script's own (an earlier check's removed), claimed with a marker so
+    that the runs in it can be replaced one by one."""
+    parent.claim(name)
+    parent.remove(name)
+    return output_folder.claim_output_folder(parent.path / name, owner=OWNER, option="--workdir")
 
 
 def _max_relative(a: dict, b: dict) -> float:
@@ -71,7 +89,7 @@ def equivalence(args: argparse.Namespace) -> int:
 
     from torchtune_kd.evaluation import run_logs
 
-    workdir = Path(args.workdir).resolve()
+    workdir = _claim_workdir(args, [*args.kinds, *(f"{kind}_{name}.log" for kind in args.kinds for name in ("single", "dist"))])
     assets = _assets(workdir)
     env = {"KD_ASSETS": str(assets)}
     loss_tol, weight_tol = TOLERANCE[args.dtype]
@@ -86,11 +104,12 @@ def equivalence(args: argparse.Namespace) -> int:
     for kind in args.kinds:
         extra = LORA if kind == "lora" else []
         runs = {}
+        kind_dir = _fresh(workdir, kind)  # an earlier check's logs would be read with the new ones
         for name, recipe, nproc, batch in (("single", SINGLE, None, 2 * args.nproc), ("dist", DISTRIBUTED, args.nproc, 2)):
-            out = workdir / kind / name
+            out = kind_dir.path_of(name).resolve()
             _run(recipe, REPO / "configs" / "tiny_cpu.yaml",
                  [*extra, *common, f"batch_size={batch}", f"output_dir={out}"], nproc=nproc, env=env,
-                 log=workdir / f"{kind}_{name}.log")
+                 log=workdir.path_of(f"{kind}_{name}.log"))
             runs[name] = (out, run_logs.read_disk_log(out / "logs"))
         for metric in LOSSES:
             diff = _max_relative(dict(runs["single"][1][metric]), dict(runs["dist"][1][metric]))
@@ -111,16 +130,21 @@ def dummy(args: argparse.Namespace) -> int:
     from torchtune_kd.evaluation import run_logs
     from torchtune_kd.testing import standins
 
-    workdir = Path(args.workdir).resolve()
+    name = Path(args.config).stem
+    workdir = _claim_workdir(args, ["dummy", "runs", f"{name}.log"])
     assets = _assets(workdir)
     cfg = OmegaConf.load(args.config)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    name = Path(args.config).stem
-    folders = {key: workdir / "dummy" / name / key for key in ("model", "teacher_model")}
+    # dummy/<config>/ holds the random weights (rewritten each time), runs/<config>/ the run (replaced).
+    folders = {key: workdir.path.resolve() / "dummy" / name / key for key in ("model", "teacher_model")}
     for offset, (key, folder) in enumerate(folders.items()):
         print(f"writing dummy weights for {key} ({cfg[key]._component_}) to {folder} ...", flush=True)
         standins.write_random_checkpoint(cfg[key], folder, dtype=dtype, seed=offset)
-    out = workdir / "runs" / name
+    workdir.claim("runs")
+    runs = output_folder.claim_output_folder(workdir.path / "runs", owner=OWNER, option="--workdir")
+    runs.claim(name)
+    runs.remove(name)  # an earlier check's logs would be read with the new ones
+    out = runs.path.resolve() / name
     overrides = [
         f"checkpointer.checkpoint_dir={folders['model']}", "checkpointer.checkpoint_files=[model.safetensors]",
         f"teacher_checkpointer.checkpoint_dir={folders['teacher_model']}",
@@ -134,7 +158,7 @@ def dummy(args: argparse.Namespace) -> int:
         f"max_steps_per_epoch={args.steps}", f"device={args.device}", f"dtype={args.dtype}", "log_peak_memory_stats=true",
         "overwrite_output_dir=true", *args.overrides,
     ]
-    _run(DISTRIBUTED, Path(args.config), overrides, nproc=args.nproc, env={}, log=workdir / f"{name}.log")
+    _run(DISTRIBUTED, Path(args.config), overrides, nproc=args.nproc, env={}, log=workdir.path_of(f"{name}.log"))
     metrics = run_logs.read_disk_log(out / "logs")
     later = lambda key: [v for step, v in metrics[key] if step > 1] or [v for _, v in metrics[key]]  # noqa: E731
     print(f"{name} on {args.nproc} processes ({args.device}, {args.dtype}), {args.steps} steps on dummy weights:")
@@ -147,16 +171,28 @@ def dummy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _claim_workdir(args: argparse.Namespace, entries: Sequence[str]) -> output_folder.OwnedFolder:
+    """Claim ``--workdir`` and the entries this command writes there, before anything is built; exit on a refusal."""
+    workdir = output_folder.claim_or_exit(Path(args.workdir), owner=OWNER, option="--workdir")
+    try:
+        workdir.claim("assets", *entries)
+    except output_folder.OutputFolderError as err:
+        raise SystemExit(f"error: {err}") from None
+    return workdir
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("equivalence", "dummy"):
-        p = sub.add_parser(name)
+        p = sub.add_parser(name, allow_abbrev=False)
         p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
         p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
         p.add_argument("--nproc", type=int, default=2)
         p.add_argument("--steps", type=int, default=4)
-        p.add_argument("--workdir", default=str(REPO / "cache" / "distributed_check"))
+        p.add_argument("--workdir", default=str(REPO / "cache" / "distributed_check"),
+                       help="every file goes here: a new, empty, or this script's own folder (default: %(default)s)")
     sub.choices["equivalence"].add_argument("--kinds", nargs="+", default=["full", "lora"], choices=("full", "lora"))
     sub.choices["dummy"].add_argument("--config", required=True)
     sub.choices["dummy"].add_argument("overrides", nargs="*", help="extra key=value overrides for the run")

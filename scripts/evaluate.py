@@ -13,6 +13,11 @@ Examples:
 
 Writes ``OUT/<name>/results.json`` (lm-eval's results dict), ``OUT/comparison.md`` and ``OUT/comparison.csv``
 (``--log-samples``: also ``OUT/<name>/samples_<task>.jsonl``).
+
+Output folders (``--output-dir``, ``--write-task-yamls``) must be new, empty, or one this script wrote (its marker
+file ``.torchtune_kd_outputs.json`` lists what it wrote); anything else is refused before any model is read, and a
+file this script did not write is never replaced or deleted. Evaluating again into the same folder replaces the
+earlier results of the same model names.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # also works from a checkout without the editable install
 
 # After the path set-up; neither module imports torch or lm_eval at module level.
+from torchtune_kd import output_folder  # noqa: E402
 from torchtune_kd.evaluation import lm_eval_runner, lm_eval_tasks  # noqa: E402
+
+OWNER = "scripts/evaluate.py"
 
 
 def _batch_size(text: str) -> Union[int, str]:
@@ -53,7 +61,8 @@ def _limit(text: str) -> Union[int, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1]
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1], allow_abbrev=False,
     )
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                         help="a Hugging Face model folder to evaluate (repeat; table order). A bare DIR is named after the folder.")
@@ -63,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="offline: the project's stand-in task files (packaged with torchtune_kd.evaluation), hub access off "
                              "(default); online: the real datasets")
     parser.add_argument("--data-dir", type=Path, default=lm_eval_tasks.OFFLINE_DATA_DIR, help="offline data folder (default: %(default)s)")
-    parser.add_argument("--output-dir", type=Path, default=REPO / "outputs" / "eval", help="default: %(default)s")
+    parser.add_argument("--output-dir", type=Path, default=REPO / "outputs" / "eval",
+                        help="new, empty, or this script's own folder (default: %(default)s)")
     parser.add_argument("--limit", type=_limit, default=None, help="documents per task (smoke tests only; a fraction < 1 allowed)")
     parser.add_argument("--num_fewshot", "--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     parser.add_argument("--batch_size", "--batch-size", type=_batch_size, default=1, help="int, 'auto' or 'auto:N' (default: 1)")
@@ -75,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-samples", action="store_true",
                         help="also write lm-eval's per-document records to OUT/<name>/samples_<task>.jsonl")
     parser.add_argument("--write-task-yamls", type=Path, default=None, metavar="DIR",
-                        help="only write the offline task YAMLs into DIR (for `lm_eval --include_path DIR`) and exit")
+                        help="only write the offline task YAMLs into DIR (new, empty, or this script's own; for "
+                             "`lm_eval --include_path DIR`) and exit")
     return parser
 
 
@@ -89,7 +100,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--num_fewshot {args.num_fewshot} must be >= 0")
     try:
         if args.write_task_yamls is not None:
-            written = lm_eval_tasks.write_offline_task_yamls(args.write_task_yamls, tasks, args.data_dir)
+            folder = output_folder.claim_output_folder(args.write_task_yamls, owner=OWNER, option="--write-task-yamls")
+            written = lm_eval_tasks.write_offline_task_yamls(folder, tasks, args.data_dir)
             print(f"wrote {len(written)} task YAMLs to {args.write_task_yamls.resolve()}:")
             for path in written.values():
                 print(f"  {path}")
@@ -100,9 +112,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # Before lm_eval / datasets / huggingface_hub are imported: they read these once, at import.
             lm_eval_runner.set_offline_env()
             print(f"[evaluate] --data offline: the project's stand-in task files ({args.data_dir}), NOT the real benchmarks")
+        # The output folder is checked before any model folder is read (the weights check reads every file) and
+        # claimed before lm-eval starts.
         _, rows = lm_eval_runner.evaluate_models(
             models,
             args.output_dir,
+            owner=OWNER,
+            option="--output-dir",
             tasks=tasks,
             baseline=args.baseline,
             data=args.data,

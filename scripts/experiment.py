@@ -10,6 +10,11 @@ Examples:
         --divergences forward_kl,reverse_kl,symmetric_kl,jsd,tvd,skew_kl --ir off,cosine --seeds 0,1,2
 
 Finished cells (``<out>/cells/<cell>/result.json``) are skipped: rerun the same command to resume.
+
+``--out`` must be new, empty, or a folder this script wrote (its marker file ``.torchtune_kd_outputs.json`` lists
+what it wrote): that is how a rerun resumes there. ``--assets`` (``--tiny``) must be new, empty or a stand-ins folder,
+``--teacher-cache`` new, empty or a teacher cache. Anything else is refused before the stand-ins are built or a
+model is loaded, and a file this script did not write is never replaced or deleted.
 """
 
 from __future__ import annotations
@@ -20,23 +25,30 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from torchtune_kd import experiment, tune_cli
+from torchtune_kd import experiment, output_folder, tune_cli
 from torchtune_kd.evaluation import heldout_metrics
 
 # The checkout this script lives in: `tune run` needs the recipe file and must run from the checkout root, where
 # torchtune imports the recipe as `recipes.<name>`.
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "knowledge_distillation_single_device.py"
+OWNER = "scripts/experiment.py"
+# The owners of the folders this script has other commands write: the stand-ins and the teacher-cache pre-pass.
+STANDINS_OWNER = "torchtune_kd.testing.standins"
+CACHE_OWNER = "recipes/cache_teacher.py"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     epilog=__doc__.strip().split("\n\n")[-1])
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "tiny_cpu.yaml")
     parser.add_argument("--tiny", action="store_true", help="build the tiny stand-ins (pre-trained tiny teacher) and use them")
-    parser.add_argument("--assets", type=Path, default=REPO / "cache" / "tiny_experiment", help="stand-ins folder for --tiny")
+    parser.add_argument("--assets", type=Path, default=REPO / "cache" / "tiny_experiment",
+                        help="stand-ins folder for --tiny (new, empty, or stand-ins built before: reused)")
     parser.add_argument("--teacher-pretrain-steps", type=int, default=150)
     parser.add_argument("--divergences", default="forward_kl,reverse_kl,jsd,tvd")
     parser.add_argument("--ir", default="off", help="comma list of off,cosine")
@@ -47,29 +59,53 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--heldout", type=Path, default=None, help="held-out text (default: the stand-ins' heldout.txt)")
     parser.add_argument("--eval-seq-len", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=48)
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "experiment")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "experiment",
+                        help="the grid's folder: new, empty, or this script's own (a rerun resumes it)")
     parser.add_argument("--teacher-cache", type=Path, default=None,
                         help="run the teacher once into this cache (recipes/cache_teacher.py) and distil every cell "
                              "without IR from it (cells with IR run the teacher live)")
     parser.add_argument("--cache-top-k", type=int, default=64, help="k of the teacher cache (--teacher-cache)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def claim_folders(args: argparse.Namespace) -> output_folder.OwnedFolder:
+    """Check every folder this run writes, then claim ``--out``; exit with the first problem (before any heavy work)."""
+    problems = []
+    if args.tiny:
+        # The stand-ins module claims its folder itself; checked here so that its refusal comes before --out is made.
+        problems += output_folder.check(args.assets, owner=STANDINS_OWNER, option="--assets")
+    if args.teacher_cache is not None:
+        problems += output_folder.check(args.teacher_cache, owner=CACHE_OWNER, option="--teacher-cache")
+    if problems:
+        sys.exit(f"error: {problems[0]}")
+    return output_folder.claim_or_exit(args.out, owner=OWNER, option="--out")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        sys.exit(f"error: --seeds={args.seeds!r} must be comma-separated integers, e.g. 0,1,2")
+    try:
+        cells = experiment.grid([d for d in args.divergences.split(",") if d], [i for i in args.ir.split(",") if i], seeds)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    if args.heldout is None and not args.tiny:
+        sys.exit("error: --heldout is required without --tiny (the stand-ins bring their own held-out text)")
+    out = claim_folders(args)
+    out.claim("command.txt", "cells", "results.csv", "summary.csv", "summary.md")
     env = {}
     heldout = args.heldout
     if args.tiny:
         from torchtune_kd.testing import standins
 
         print(f"[experiment] building tiny stand-ins in {args.assets} (teacher pre-trained {args.teacher_pretrain_steps} steps)")
-        manifest = standins.build_all(args.assets, teacher_pretrain_steps=args.teacher_pretrain_steps)
+        manifest = standins.build_all(args.assets, teacher_pretrain_steps=args.teacher_pretrain_steps, option="--assets")
         env["KD_ASSETS"] = manifest["root"]
         os.environ["KD_ASSETS"] = manifest["root"]
         heldout = heldout or Path(manifest["data"]["heldout_text"])
-    if heldout is None:
-        sys.exit("--heldout is required without --tiny")
 
     base = OmegaConf.load(args.config)
     base = OmegaConf.merge(base, OmegaConf.from_dotlist([o for o in args.overrides if not o.startswith("~")]))
@@ -78,11 +114,8 @@ def main() -> None:
     base_kd_keys = [k for k in base.kd_loss.keys() if k != "_component_"]
     ce, kd, ir = (float(x) for x in args.scales.split(","))
 
-    cells = experiment.grid(
-        [d for d in args.divergences.split(",") if d], [i for i in args.ir.split(",") if i], [int(s) for s in args.seeds.split(",")]
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "command.txt").write_text(" ".join(sys.argv) + "\n")
+    shown = sys.argv if argv is None else [sys.argv[0], *argv]
+    (args.out / "command.txt").write_text(" ".join(shown) + "\n")
     cache = None
     if args.teacher_cache is not None:
         cache = str(args.teacher_cache.resolve())
@@ -93,7 +126,7 @@ def main() -> None:
             [f"teacher_cache.path={cache}", f"teacher_cache.top_k={args.cache_top_k}", *args.overrides],
             cwd=REPO, env=env,
         )
-        (args.out / "teacher_cache.log").write_text(result.stdout or "")
+        out.path_of("teacher_cache.log").write_text(result.stdout or "")
         if result.returncode != 0:
             sys.exit(f"the teacher-cache pre-pass failed (exit {result.returncode}); see {args.out / 'teacher_cache.log'}")
         print(f"[experiment]   cache ready ({time.time() - started:.0f} s)")
@@ -130,7 +163,8 @@ def main() -> None:
         rows.append(result)
         print(f"[experiment]   ppl {result['heldout_ppl']:.3f}  KL to teacher {result['heldout_kl']:.4f}  agreement "
               f"{result['top1_agreement']:.4f}  ({result['seconds']} s)")
-        # The run's training state (optimiser, weights) is not needed once evaluated.
+        # The run's training state (optimiser, weights) is not needed once evaluated. The run is this grid's own: it
+        # lies inside the cells/ entry this script claimed.
         state = cell_dir / "run" / "training_state"
         if state.exists():
             import shutil

@@ -12,6 +12,10 @@ Writes, under CACHE_DIR (every step is skipped when its output is already there)
   (passages of at most ``--max-tokens`` SmolLM2 tokens) from pydoc and gensim's Lee news corpus.
 
 No Hugging Face hub access is needed; the Lee corpus needs PyPI once (``--no-gensim`` skips it).
+
+CACHE_DIR must be new, empty, or a folder this script prepared (its marker file ``.torchtune_kd_outputs.json`` lists
+what it wrote); anything else is refused before anything is converted. Other commands may add their own folders in
+it (e.g. ``scripts/prune.py --out CACHE_DIR/student_20L_bi``); this script never touches an entry it did not write.
 """
 
 from __future__ import annotations
@@ -22,19 +26,24 @@ import sys
 import time
 from pathlib import Path
 
+from torchtune_kd import output_folder
 from torchtune_kd.models import smollm2
 from torchtune_kd.data import text as text_data
 
+OWNER = "scripts/prepare_smollm2.py"
+
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("cache_dir", type=Path, help="folder for the teacher, the student and the text data")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     epilog=__doc__.strip().split("\n\n")[-1])
+    parser.add_argument("cache_dir", type=Path,
+                        help="folder for the teacher, the student and the text data (new, empty, or this script's own)")
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--student-layers", type=int, default=None, help="student depth (default 6)")
     choice.add_argument("--keep-every", type=int, default=None, help="keep teacher layers 0, K, 2K, ... and the last")
     parser.add_argument("--max-tokens", type=int, default=96, help="longest text passage in tokens (default 96)")
     parser.add_argument("--no-gensim", action="store_true", help="text from pydoc only (no PyPI download)")
-    parser.add_argument("--force", action="store_true", help="redo every step")
+    parser.add_argument("--force", action="store_true", help="redo every step (in this script's own entries only)")
     args = parser.parse_args(argv)
     if args.student_layers is None and args.keep_every is None:
         args.student_layers = 6
@@ -51,11 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run every preparation step and print what was done; returns the exit status."""
     args = _parse_args(argv)
     cache: Path = args.cache_dir
+    folder = output_folder.claim_or_exit(cache, owner=OWNER, option="CACHE_DIR")
+    # Every entry the steps below write, claimed before the first is written (``sources``/``downloads``: the Lee
+    # corpus's; the student's folder gets the pruning module's own marker inside).
+    try:
+        folder.claim("teacher", f"student_{len(args.kept)}L", "text", "sources", "downloads")
+    except output_folder.OutputFolderError as err:
+        raise SystemExit(f"error: {err}") from None
     total = time.perf_counter()
 
     start = time.perf_counter()
     had_teacher = (cache / "teacher" / "conversion.json").is_file() and not args.force
-    teacher_dir = smollm2.convert_smollm2(cache, force=args.force)
+    teacher_dir = smollm2.convert_smollm2(folder, force=args.force)
     print(f"teacher  {teacher_dir}  ({'reused' if had_teacher else 'converted from the GGUF'}, "
           f"{time.perf_counter() - start:.1f} s)")
 
@@ -74,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     tokenizer = smollm2.SmolLM2Tokenizer(teacher_dir / smollm2.TIKTOKEN_FILENAME)
     paths = text_data.prepare_text_data(
-        cache,
+        folder,
         max_tokens=args.max_tokens,
         count_tokens=lambda text: len(tokenizer.encode(text, add_bos=False, add_eos=False)),
         use_gensim=not args.no_gensim,

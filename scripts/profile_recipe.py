@@ -6,6 +6,10 @@ Runs ``train()`` of ``recipes/knowledge_distillation_single_device.py`` in-proce
 transformer calls with their cumulative time::
 
     python scripts/profile_recipe.py cache/bench_recipe/ours_fkl_v32000.yaml --steps 6
+
+The run goes to ``--output-dir``/run; ``--output-dir`` must be new, empty, or a folder this script wrote (its marker
+file ``.torchtune_kd_outputs.json``), whose earlier run is replaced. Anything else is refused before the recipe
+starts, and a file this script did not write is never replaced or deleted.
 """
 
 from __future__ import annotations
@@ -14,34 +18,44 @@ import argparse
 import cProfile
 import io
 import pstats
-import shutil
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "src"))
+OWNER = "scripts/profile_recipe.py"
 SHOWN = ("kd_losses", "torchtune_kd", "single_device", "modules/transformer", "cross_entropy", "function calls", "cumtime")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     epilog=__doc__.strip().split("\n\n")[-1])
     parser.add_argument("config", type=Path)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--output-dir", type=Path, default=REPO / "cache" / "profile_recipe")
+    parser.add_argument("--output-dir", type=Path, default=REPO / "cache" / "profile_recipe",
+                        help="new, empty, or this script's own folder; the run goes to its run/ (default: %(default)s)")
     parser.add_argument("--lines", type=int, default=45, help="functions read from the top of the profile")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+
+    from torchtune_kd import output_folder
+
+    folder = output_folder.claim_or_exit(args.output_dir, owner=OWNER, option="--output-dir")
+    # The recipe writes (and marks) its own output folder: a fresh one inside ours, the earlier profile's removed.
+    folder.claim("run")
+    folder.remove("run")
+    run_dir = folder.path / "run"
 
     from omegaconf import OmegaConf
 
     from recipe_utils import load_recipe_module
 
     cfg = OmegaConf.load(args.config)
-    cfg.output_dir = str(args.output_dir)
-    cfg.checkpointer.output_dir = str(args.output_dir)
-    cfg.metric_logger.log_dir = str(args.output_dir / "logs")
-    cfg.overwrite_output_dir = True
+    cfg.output_dir = str(run_dir)
+    cfg.checkpointer.output_dir = str(run_dir)
+    cfg.metric_logger.log_dir = str(run_dir / "logs")
     cfg.max_steps_per_epoch = args.steps
-    shutil.rmtree(args.output_dir, ignore_errors=True)  # this script's own folder
     recipe = load_recipe_module().KDRecipeSingleDevice(cfg=cfg)
     recipe.setup(cfg=cfg)
     profiler = cProfile.Profile()

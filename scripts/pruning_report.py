@@ -9,6 +9,10 @@ markdown table; choose the student's depth and method from it::
     python scripts/pruning_report.py --config configs/demo_smollm2.yaml \\
         --calibration cache/smollm2/text/train.json --heldout cache/smollm2/text/heldout.txt \\
         --depths 24,22,20 --out cache/smollm2/pruned
+
+``--out`` must be new, empty, or a folder this script wrote (its marker file ``.torchtune_kd_outputs.json`` lists the
+students it wrote; a rerun reuses or rewrites them); anything else is refused before the teacher is loaded, and a
+file this script did not write is never replaced or deleted.
 """
 
 from __future__ import annotations
@@ -25,22 +29,44 @@ from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
+OWNER = "scripts/pruning_report.py"
+METHODS = ("block_influence", "even")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                     epilog=__doc__.strip().split("\n\n")[-1])
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--calibration", type=Path, required=True, help="text or alpaca .json the layers are scored on")
     parser.add_argument("--heldout", type=Path, required=True, help="held-out plain text for the metrics")
     parser.add_argument("--depths", default="24,22,20")
     parser.add_argument("--methods", default="block_influence,even")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the pruned students")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the pruned students (new, empty, or this script's own)")
     parser.add_argument("--seq-len", type=int, default=128, help="calibration window length")
     parser.add_argument("--windows", type=int, default=32, help="calibration windows")
     parser.add_argument("--eval-seq-len", type=int, default=96)
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args(argv)
+    try:
+        depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    except ValueError:
+        depths = []
+    if not depths or min(depths) < 1:
+        parser.error(f"--depths={args.depths!r} must be comma-separated layer counts, e.g. 24,22,20")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods):
+        parser.error(f"--methods={args.methods!r} must name some of {', '.join(METHODS)}")
+    names = [f"{n}L_{method}" for n in depths for method in methods]
+    # Claimed, with every student's entry, before the teacher is loaded.
+    from torchtune_kd import output_folder
+
+    out = output_folder.claim_or_exit(args.out, owner=OWNER, option="--out")
+    try:
+        out.claim(*names)
+    except output_folder.OutputFolderError as err:
+        raise SystemExit(f"error: {err}") from None
 
     import prune
     from torchtune import config as tt_config, training
@@ -66,12 +92,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     students: dict[str, Path] = {}
     kept_by_name: dict[str, list[int]] = {}
-    for n in (int(d) for d in args.depths.split(",")):
-        for method in args.methods.split(","):
+    for n in depths:
+        for method in methods:
             kept = pruning.most_influential(scores, n) if method == "block_influence" else pruning.evenly_spaced(depth, n)
             name = f"{n}L_{method}"
+            # Each student's folder is an entry of --out (claimed above) with its own marker, this script's too.
             record = pruning.write_pruned_student(teacher_dir, args.out / name, kept, files=files,
-                                                  info={"method": method, "block_influence": scores})
+                                                  info={"method": method, "block_influence": scores}, owner=OWNER)
             students[name], kept_by_name[name] = Path(record["out_dir"]), kept
             print(f"{name}: kept {kept}", flush=True)
     results = heldout_metrics.evaluate_heldout(

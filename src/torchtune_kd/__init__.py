@@ -16,3 +16,7 @@ Layout (what each part is; see the README's module map):
 
 Importing the package imports nothing heavy (it runs at interpreter start-up through the install hook).
 """
+
+from torchtune_kd.checkout import warn_if_other_checkout as _warn_if_other_checkout
+
+_warn_if_other_checkout(__file__)

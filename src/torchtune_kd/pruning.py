@@ -12,7 +12,9 @@ the highest scores, in their original order. :func:`evenly_spaced` is the score-
 :func:`write_pruned_student` writes the kept layers, renumbered ``0 .. n-1``, with the teacher's embeddings, final
 norm and output, as a Hugging Face folder loadable by torchtune's ``FullModelHFCheckpointer`` and by transformers;
 student layer ``i`` is teacher layer ``kept[i]``, so the matching ``layer_mapping`` is ``[[i, kept[i]], ...]``.
-``scripts/prune.py`` is the command (scores printed, folder and mapping written).
+``scripts/prune.py`` is the command (scores printed, folder and mapping written). The student's folder follows
+:mod:`torchtune_kd.output_folder`: claimed (new, empty or the writer's own) and every file recorded before it is
+written, so a user's file is never replaced, whatever its name (:func:`claim_student_folder`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchtune_kd import output_folder
+
 PathLike = Union[str, Path]
 _LAYER_PREFIX = "model.layers."
 # Files of a Hugging Face model folder a pruned student shares with its teacher (tokenizer and generation settings).
@@ -35,6 +39,8 @@ SHARED_FILES = (
     "chat_template.jinja", "smollm2.tiktoken",
 )
 MARKER = "pruning.json"
+# The command a folder claimed here is recorded as written by (torchtune_kd.output_folder), when the caller names none.
+OWNER = "torchtune_kd.pruning"
 
 
 @torch.no_grad()
@@ -123,65 +129,181 @@ def _weight_files(teacher_dir: Path, files: Optional[Iterable[str]]) -> list[Pat
     return [teacher_dir / "model.safetensors"]
 
 
+def student_entries(teacher_dir: PathLike) -> list[str]:
+    """The top-level names :func:`write_pruned_student` writes in the student's folder for this teacher.
+
+    The weights, ``config.json``, the tokenizer and generation files the teacher has (:data:`SHARED_FILES`) and the
+    record :data:`MARKER`, which is written last.
+    """
+    teacher_dir = Path(teacher_dir)
+    shared = [name for name in SHARED_FILES if (teacher_dir / name).is_file()]
+    return ["model.safetensors", "config.json", *shared, MARKER]
+
+
+def teacher_fingerprint(teacher_dir: PathLike, files: Optional[Iterable[str]] = None) -> dict[str, list[int]]:
+    """Size and modification time of the teacher's ``config.json`` and weight files.
+
+    Cheap (no weights read), and enough to notice a teacher rebuilt in place: a student pruned from the old weights
+    is then never reused.
+    """
+    teacher_dir = Path(teacher_dir)
+    fingerprint = {}
+    for path in [teacher_dir / "config.json", *_weight_files(teacher_dir, files)]:
+        stat = path.stat()
+        fingerprint[path.name] = [stat.st_size, stat.st_mtime_ns]
+    return fingerprint
+
+
+def student_folder_problems(
+    out_dir: PathLike,
+    teacher_dir: PathLike,
+    *,
+    owner: str = OWNER,
+    option: str = "out_dir",
+    overwrite: bool = False,
+    overwrite_hint: Optional[str] = None,
+) -> list[str]:
+    """Why :func:`claim_student_folder` would refuse ``out_dir``, without writing anything (empty list: it would not).
+
+    Beyond :func:`output_folder.check`: with ``overwrite`` (a foreign folder adopted), a file the student would be
+    written over (e.g. a user's ``model.safetensors``) is still refused.
+    """
+    out_dir, teacher_dir = Path(out_dir), Path(teacher_dir)
+    if out_dir.resolve() == teacher_dir.resolve():
+        return [f"{option}={str(out_dir)!r} is the teacher's folder: give another folder for the student"]
+    problems = output_folder.check(out_dir, owner=owner, option=option, overwrite=overwrite,
+                                   overwrite_hint=overwrite_hint)
+    if problems:
+        return problems
+    report = output_folder.inspect(out_dir)
+    if not report.exists:
+        return []
+    ours = set(report.written) if report.owner == owner else set()
+    clashes = [name for name in student_entries(teacher_dir)
+               if name not in ours and os.path.lexists(out_dir / name)]
+    if clashes:
+        return [
+            f"{option}={str(out_dir)!r} holds {', '.join(clashes)}, which {owner} did not write and never replaces: "
+            "give a new or empty folder (or move those files)"
+        ]
+    return []
+
+
+def claim_student_folder(
+    out_dir: PathLike,
+    teacher_dir: PathLike,
+    *,
+    owner: str = OWNER,
+    option: str = "out_dir",
+    overwrite: bool = False,
+    overwrite_hint: Optional[str] = None,
+) -> output_folder.OwnedFolder:
+    """Claim ``out_dir`` for a pruned student and every entry the student will be written as.
+
+    Raises:
+        OutputFolderError: see :func:`student_folder_problems` (a ``ValueError``).
+    """
+    problems = student_folder_problems(out_dir, teacher_dir, owner=owner, option=option, overwrite=overwrite,
+                                       overwrite_hint=overwrite_hint)
+    if problems:
+        raise output_folder.OutputFolderError(problems[0])
+    folder = output_folder.claim_output_folder(out_dir, owner=owner, option=option, overwrite=overwrite,
+                                               overwrite_hint=overwrite_hint)
+    folder.claim(*student_entries(teacher_dir))
+    return folder
+
+
+def previous_record(folder: output_folder.OwnedFolder) -> Optional[dict[str, Any]]:
+    """The record of a complete student this owner wrote in ``folder`` earlier, or ``None``.
+
+    ``None`` also for a record this owner never claimed (a foreign ``pruning.json`` is never trusted) and for an
+    unreadable one (an interrupted write of ours: it is simply rewritten).
+    """
+    marker = folder.path / MARKER
+    if not folder.owns(MARKER) or not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def write_pruned_student(
     teacher_dir: PathLike,
-    out_dir: PathLike,
+    out_dir: Union[PathLike, output_folder.OwnedFolder],
     kept: Sequence[int],
     *,
     files: Optional[Iterable[str]] = None,
     info: Optional[dict[str, Any]] = None,
     force: bool = False,
+    owner: str = OWNER,
 ) -> dict[str, Any]:
     """Write a student made of the teacher layers ``kept`` as a Hugging Face Llama-layout folder.
 
     Non-layer weights (embeddings, final norm, output) are copied; layer ``kept[i]`` becomes layer ``i``;
     ``config.json`` gets ``num_hidden_layers = len(kept)``; tokenizer and generation files are copied. Idempotent:
-    a folder already holding the same choice from the same teacher is reused unless ``force``.
+    a folder already holding the same choice from the same (unchanged) teacher is reused unless ``force``.
+
+    The folder follows :mod:`torchtune_kd.output_folder`: it must be new, empty or this owner's, and every file is
+    claimed before it is written, so a user's file is never replaced whatever its name. A student this owner wrote
+    there before (another choice, or ``force``) is replaced.
 
     Args:
         teacher_dir (PathLike): the teacher's folder (``config.json`` and safetensors weights).
-        out_dir (PathLike): the student's folder (created; must not be the teacher's).
+        out_dir (Union[PathLike, OwnedFolder]): the student's folder (must not be the teacher's): a path (claimed
+            here for ``owner``), or a folder the caller claimed already (e.g. with :func:`claim_student_folder`).
         kept (Sequence[int]): strictly increasing teacher layer indices.
         files (Optional[Iterable[str]]): the weight files (default: the index's, or ``model.safetensors``).
         info (Optional[dict]): extra facts to record in ``pruning.json`` (scores, method, calibration).
         force (bool): rewrite even if the folder holds this choice already.
+        owner (str): the command writing, when ``out_dir`` is a path.
 
     Returns:
         dict: ``kept_layers``, ``num_layers``, ``teacher_num_layers``, ``layer_mapping``, ``out_dir``,
-        ``teacher_dir`` and ``info``'s entries (also written to ``out_dir/pruning.json``).
+        ``teacher_dir``, ``teacher_files`` and ``info``'s entries (also written to ``out_dir/pruning.json``).
 
     Raises:
         ValueError: a bad layer choice, a teacher folder without ``config.json`` or weights, or
-            ``out_dir == teacher_dir``.
+            ``out_dir == teacher_dir``; ``output_folder.OutputFolderError`` (a ``ValueError``) for a folder that
+            holds files this owner did not write.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
+    teacher_dir = Path(teacher_dir)
+    folder = out_dir if isinstance(out_dir, output_folder.OwnedFolder) else None
+    out_path = folder.path if folder is not None else Path(out_dir)
     weight_files = _weight_files(teacher_dir, files)
     missing = [str(p) for p in [teacher_dir / "config.json", *weight_files] if not p.is_file()]
     if missing:
         raise ValueError(f"teacher_dir={str(teacher_dir)!r} lacks {', '.join(missing)}: point it at a Hugging Face model folder")
-    if out_dir.resolve() == teacher_dir.resolve():
-        raise ValueError(f"out_dir={str(out_dir)!r} is the teacher's folder: give another folder")
+    if out_path.resolve() == teacher_dir.resolve():
+        raise ValueError(f"out_dir={str(out_path)!r} is the teacher's folder: give another folder")
     config = json.loads((teacher_dir / "config.json").read_text())
     depth = int(config["num_hidden_layers"])
     kept = [int(k) for k in kept]
     if not kept or kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= depth:
         raise ValueError(f"kept={kept} must be strictly increasing teacher layer indices in [0, {depth})")
+    if folder is None:
+        folder = claim_student_folder(out_path, teacher_dir, owner=owner)
+    else:
+        # A caller's folder: claim (or be refused) every file before the first byte is written.
+        folder.claim(*student_entries(teacher_dir))
     record: dict[str, Any] = {
         "teacher_dir": str(teacher_dir.resolve()),
+        "teacher_files": teacher_fingerprint(teacher_dir, files),
         "kept_layers": kept,
         "num_layers": len(kept),
         "teacher_num_layers": depth,
         "layer_mapping": layer_mapping(kept),
         **(info or {}),
     }
-    marker = out_dir / MARKER
-    if marker.is_file() and not force:
-        previous = json.loads(marker.read_text())
-        if previous.get("kept_layers") == kept and previous.get("teacher_dir") == record["teacher_dir"]:
-            return {**previous, "out_dir": str(out_dir)}
+    previous = previous_record(folder)
+    if previous is not None and not force and all(
+        previous.get(key) == record[key] for key in ("kept_layers", "teacher_dir", "teacher_files")
+    ) and all((out_path / name).is_file() for name in student_entries(teacher_dir)):
+        return {**previous, "out_dir": str(out_path)}
 
     new_index = {teacher: student for student, teacher in enumerate(kept)}
     state: dict[str, torch.Tensor] = {}
@@ -194,15 +316,20 @@ def write_pruned_student(
                         state[f"{_LAYER_PREFIX}{new_index[int(layer)]}.{rest}"] = handle.get_tensor(key)
                 else:
                     state[key] = handle.get_tensor(key)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)  # written last: its presence means the folder is complete
-    tmp = out_dir / ".model.safetensors.tmp"
+    # The record goes first and comes back last: its presence means the folder is complete.
+    folder.remove(MARKER)
+    # Shared files an earlier student of ours copied from a teacher that had them, and this teacher lacks.
+    entries = student_entries(teacher_dir)
+    for name in SHARED_FILES:
+        if name not in entries and folder.owns(name):
+            folder.remove(name)
+    tmp = out_path / ".model.safetensors.tmp"  # a temporary of the claimed entry: ours by the folder's rule
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.chmod(tmp, 0o644)
-    os.replace(tmp, out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": len(kept)}, indent=2) + "\n")
+    os.replace(tmp, out_path / "model.safetensors")
+    (out_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": len(kept)}, indent=2) + "\n")
     for name in SHARED_FILES:
         if (teacher_dir / name).is_file():
-            shutil.copyfile(teacher_dir / name, out_dir / name)
-    marker.write_text(json.dumps(record, indent=2) + "\n")
-    return {**record, "out_dir": str(out_dir)}
+            shutil.copyfile(teacher_dir / name, out_path / name)
+    (out_path / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    return {**record, "out_dir": str(out_path)}

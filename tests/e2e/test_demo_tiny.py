@@ -53,3 +53,16 @@ def test_demo_tiny_end_to_end(tmp_path):
         assert (out / png).stat().st_size > 10_000
     text = (out / "results.md").read_text()
     assert "| distilled | 4 |" in text and "Pipeline check, not evidence" in text
+
+    # Every folder records who wrote what (torchtune_kd.output_folder): a rerun replaces exactly these entries.
+    def marker(folder):
+        return json.loads((folder / ".torchtune_kd_outputs.json").read_text())
+
+    assert marker(out) == {"format": 1, "owner": "scripts/demo.py", "written": [
+        "ce_only", "ce_only.log", "distilled", "distilled.log", "lm_eval", "results.md", "results.csv", "by_step.csv",
+        "heldout_by_step.png", "loss_curves.png"]}
+    assert {p.name for p in out.iterdir()} <= {".torchtune_kd_outputs.json", *marker(out)["written"]}
+    assert marker(cache)["owner"] == "scripts/demo.py"
+    assert {p.name for p in cache.iterdir()} <= {".torchtune_kd_outputs.json", *marker(cache)["written"]}
+    assert marker(cache / "student_pruned")["owner"] == "scripts/prune.py"
+    assert marker(out / "ce_only")["owner"] == "torchtune-kd recipe"

@@ -301,8 +301,12 @@ def worker_with_rank(launcher_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under {launcher_pid}")
 
 
-def test_a_signal_to_one_rank_checkpoints_every_rank_and_the_run_resumes(assets_root, tmp_path):
-    """SIGTERM to rank 1 only: all ranks agree to stop after the same step, rank 0 writes one resumable state."""
+@pytest.mark.parametrize("target", ["rank 1", "launcher"])
+def test_a_signal_checkpoints_every_rank_and_torchrun_reports_a_failed_job(assets_root, tmp_path, target):
+    """SIGTERM to rank 1 only, or to torchrun (which forwards it to every worker, as a scheduler's preemption does):
+    all ranks stop after the same step and rank 0 writes one resumable state. Each worker exits with 128 + SIGTERM,
+    which torchrun turns into its own exit status 1 (a worker cannot change that: the README says so); rank 0's last
+    line says it, and where the complete checkpoint is."""
     overrides = ["max_steps_per_epoch=40", "batch_size=1"]
     cfg = tiny_config(assets_root, tmp_path / "out", overrides)
     OmegaConf.save(cfg, tmp_path / "out.yaml")
@@ -317,20 +321,28 @@ def test_a_signal_to_one_rank_checkpoints_every_rank_and_the_run_resumes(assets_
         assert process.poll() is None, process.communicate()[0][-3000:]
         import os
 
-        os.kill(worker_with_rank(process.pid, 1), signal.SIGTERM)
+        os.kill(worker_with_rank(process.pid, 1) if target == "rank 1" else process.pid, signal.SIGTERM)
         output, _ = process.communicate(timeout=180)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode != 0
+    assert process.returncode == 1, output[-4000:]
     assert "Received SIGTERM" in output and "resume_from_checkpoint=True" in output, output[-4000:]
-    assert f"exitcode  : {128 + signal.SIGTERM}" in output  # both workers stopped cleanly (torchrun's summary)
+    assert (f"Each rank exits with status {128 + signal.SIGTERM} (128 + SIGTERM); torchrun reports that as a failed "
+            "job (exit status 1") in output
+    if target == "rank 1":
+        assert "ChildFailedError" in output
+        assert f"exitcode  : {128 + signal.SIGTERM}" in output  # the workers' own status, in torchrun's summary
+    else:
+        assert "SignalException" in output and "got signal: 15" in output
     states = checkpointing.list_training_states(tmp_path / "out")
     assert len(states) == 1
     step, path = states[0]
-    assert 2 <= step < 40
+    assert 2 <= step < 40 and f"resumable checkpoint in {path.parent}" in output
     state = checkpointing.load_training_state(path)
     assert state["steps_in_epoch"] == step and state["world_size"] == WORLD
+    if target == "launcher":
+        return
     resumed_cfg = tiny_config(assets_root, tmp_path / "out", [*overrides, "resume_from_checkpoint=true"])
     result = run_distributed(resumed_cfg, tmp_path / "out")
     assert result.returncode == 0, result.stdout[-6000:]

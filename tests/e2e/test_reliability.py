@@ -6,9 +6,12 @@ Each test reproduces a defect a careful user hit (issue "Reliability") on the ti
 from __future__ import annotations
 
 import logging
+import math
 import pickle
+import re
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +39,16 @@ def setup_recipe(cfg):
 
 def logged(out: Path) -> dict[str, dict[int, float]]:
     return {k: dict(v) for k, v in run_logs.read_disk_log(out / "logs").items() if k not in TIMING}
+
+
+def run_as_of(src: Path, dst: Path, step: int) -> None:
+    """A copy of the run folder ``src`` (marker included) as an interruption right after step ``step``'s checkpoint
+    would have left it: newer training states and the logs removed."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "logs")
+    for state, path in checkpointing.list_training_states(dst):
+        if state > step:
+            shutil.rmtree(path.parent)
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -106,7 +119,7 @@ def test_mid_epoch_resume_reproduces_the_uninterrupted_run(tiny_assets, assets_r
     reference = logged(tmp_path / "straight")
     for step in (2, 4):
         out = tmp_path / f"from_{step}"
-        shutil.copytree(tmp_path / "straight" / "training_state" / f"step_{step}", out / "training_state" / f"step_{step}")
+        run_as_of(tmp_path / "straight", out, step)
         resumed = run_recipe(tiny_config(assets_root, out, [*common, "resume_from_checkpoint=true"]), RECIPE)
         values = logged(out)
         for key in reference:
@@ -119,19 +132,29 @@ def test_mid_epoch_resume_reproduces_the_uninterrupted_run(tiny_assets, assets_r
 
 
 def test_keep_last_n_prunes_old_states_and_leftovers_are_cleaned(tiny_assets, assets_root, tmp_path):
-    # What a crash between two renames, or during a write, leaves behind.
-    (tmp_path / ".epoch_0.old").mkdir(parents=True)
-    (tmp_path / ".epoch_0.staging").mkdir()
-    (tmp_path / "training_state" / ".step_1").mkdir(parents=True)
-    (tmp_path / "training_state" / "step_1").mkdir()
-    (tmp_path / "training_state" / "step_1" / ".recipe_state.pt.tmp").write_bytes(b"half a file")
-    (tmp_path / "notes.txt").write_text("the user's own file")
-    run_recipe(tiny_config(assets_root, tmp_path, ["max_steps_per_epoch=5", "save_every_n_steps=1", "keep_last_n=2"]), RECIPE)
-    assert [s for s, _ in checkpointing.list_training_states(tmp_path)] == [4, 5]
-    assert not (tmp_path / ".epoch_0.old").exists() and not (tmp_path / ".epoch_0.staging").exists()
+    out = tmp_path / "out"
+    common = ["max_steps_per_epoch=5", "save_every_n_steps=1", "keep_last_n=2"]
+    run_recipe(tiny_config(assets_root, out, [*common, "epochs=1"]), RECIPE)
+    recipe = setup_recipe(tiny_config(assets_root, out, [*common, "epochs=2", "resume_from_checkpoint=true"]))
+    # What a crash between two renames, or during a write, leaves behind in the run's folder ...
+    (out / ".epoch_0.old").mkdir()
+    (out / ".epoch_0.staging").mkdir()
+    (out / "training_state" / ".step_1").mkdir()
+    (out / "training_state" / "step_1").mkdir()
+    (out / "training_state" / "step_1" / ".recipe_state.pt.tmp").write_bytes(b"half a file")
+    # ... and files of the user's that merely look like temporaries.
+    (out / "notes.txt").write_text("the user's own file")
+    (out / ".notes.tmp").write_text("the user's own file")
+    (out / ".staging_photos").mkdir()
+    recipe.train()
+    recipe.cleanup()
+    assert [s for s, _ in checkpointing.list_training_states(out)] == [9, 10]
+    assert not (out / ".epoch_0.old").exists() and not (out / ".epoch_0.staging").exists()
     # Hidden names that are not this recipe's temporaries are left alone.
-    assert sorted(p.name for p in (tmp_path / "training_state").iterdir()) == [".step_1", "step_4", "step_5"]
-    assert (tmp_path / "notes.txt").read_text() == "the user's own file"
+    assert sorted(p.name for p in (out / "training_state").iterdir()) == [".step_1", "step_10", "step_9"]
+    for name in ("notes.txt", ".notes.tmp"):
+        assert (out / name).read_text() == "the user's own file"
+    assert (out / ".staging_photos").is_dir()
 
 
 @pytest.mark.parametrize("bad", ["keep_last_n=0", "save_every_n_steps=0", "max_nonfinite_steps=-1"])
@@ -164,6 +187,7 @@ def test_a_signal_checkpoints_and_exits_cleanly(tiny_assets, assets_root, tmp_pa
             process.kill()
     assert process.returncode == 128 + signum, output[-3000:]
     assert f"Received {signal.Signals(signum).name}" in output and "resume_from_checkpoint=True" in output
+    assert f"Exiting with status {128 + signum} (128 + {signal.Signals(signum).name})." in output
     assert "Traceback" not in output
     states = checkpointing.list_training_states(tmp_path)
     assert len(states) == 1
@@ -324,6 +348,135 @@ def test_an_input_inside_the_output_folder_is_never_replaced(tiny_assets, assets
         with pytest.raises(preflight.ConfigError, match=r"teacher_checkpointer.checkpoint_dir=.* lies inside .*epoch_0"):
             setup_recipe(cfg)
     assert sorted(p.name for p in teacher.iterdir()) == before
+
+
+def test_overwrite_never_touches_files_the_recipe_did_not_write(tiny_assets, assets_root, tmp_path):
+    out = tmp_path / "out"
+    (out / "epoch_7").mkdir(parents=True)  # named like an export, but the user's
+    (out / "notes.txt").write_text("mine")
+    (out / ".notes.tmp").write_text("mine")  # named like a temporary
+    with pytest.raises(preflight.ConfigError, match=r"holds files torchtune-kd recipe did not write \(\.notes\.tmp, "
+                                                    r"epoch_7, notes\.txt\).*overwrite_output_dir=True"):
+        setup_recipe(tiny_config(assets_root, out, ["max_steps_per_epoch=1"]))
+    assert not (out / ".torchtune_kd_outputs.json").exists()  # refused before anything was written
+    overrides = ["max_steps_per_epoch=1", "overwrite_output_dir=true"]
+    run_recipe(tiny_config(assets_root, out, overrides), RECIPE)  # adopts the folder: files kept
+    (out / "epoch_0" / "mark").write_text("first run")
+    run_recipe(tiny_config(assets_root, out, overrides), RECIPE)  # replaces only what the first run wrote
+    assert not (out / "epoch_0" / "mark").exists() and (out / "epoch_0" / "config.json").is_file()
+    assert (out / "notes.txt").read_text() == "mine" and (out / ".notes.tmp").read_text() == "mine"
+    assert (out / "epoch_7").is_dir()
+
+
+# ---------------------------------------------------------------------------------- a save that cannot be written
+
+
+@pytest.mark.parametrize("failure", ["read-only", "disk full"])
+def test_a_failed_save_ends_with_a_clear_error_and_keeps_the_last_complete_state(
+    tiny_assets, assets_root, tmp_path, monkeypatch, capsys, failure
+):
+    """The output folder stops accepting writes after the first save. Tests run as root, where a read-only folder
+    (chmod) does not block writes, so the failure is injected where the training state is written: nothing (a
+    permission error) or half a file (a full disk), as the OS would."""
+    out = tmp_path / "out"
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, path, *args, **kwargs):
+        if str(path).endswith(".recipe_state.pt.tmp"):
+            calls.append(path)
+            if len(calls) > 1:
+                if failure == "read-only":
+                    raise PermissionError(13, "Permission denied", str(path))
+                Path(path).write_bytes(b"half a state")
+                raise OSError(28, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    overrides = ["max_steps_per_epoch=4", "save_every_n_steps=1"]
+    tiny_config(assets_root, out)  # sets KD_ASSETS for the config file
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(sys, "argv", ["recipe", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"output_dir={out}",
+                                      *overrides])
+    with pytest.raises(SystemExit) as info:
+        RECIPE.recipe_main()
+    assert info.value.code == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    reason = ("PermissionError: [Errno 13] Permission denied" if failure == "read-only"
+              else "OSError: [Errno 28] No space left on device")
+    assert (
+        f"Error: could not save the checkpoint of step 2 (epoch 0, mid-epoch) into output_dir={str(out)!r} ({reason}"
+    ) in error, error
+    assert f"the newest complete training state, {str(out / 'training_state' / 'step_1')!r}, is intact" in error
+    assert "Make output_dir writable again" in error and "resume_from_checkpoint=True" in error
+    # The last complete save is whole, and the run resumes from it once the folder accepts writes again.
+    monkeypatch.undo()
+    assert [step for step, _ in checkpointing.list_training_states(out)] == [1]
+    assert checkpointing.load_training_state(checkpointing.latest_training_state(out))["global_step"] == 1
+    resumed = run_recipe(tiny_config(assets_root, out, [*overrides, "resume_from_checkpoint=true"]), RECIPE)
+    assert resumed.global_step == 4 and (out / "epoch_0" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------- resume: refused before heavy work, or warned
+
+
+def test_resume_refuses_a_changed_scaling_method_or_global_batch_before_any_model_loads(
+    tiny_assets, assets_root, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    common = ["max_steps_per_epoch=3", "save_every_n_steps=2", "keep_last_n=2"]
+    run_recipe(tiny_config(assets_root, out, common), RECIPE)
+    shutil.rmtree(out / "training_state" / "step_3")  # as if stopped after step 2's mid-epoch checkpoint
+    state = out / "training_state" / "step_2" / "recipe_state.pt"
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the resume was refused")
+
+    from torchtune.training import FullModelHFCheckpointer
+
+    monkeypatch.setattr(FullModelHFCheckpointer, "load_checkpoint", no_weights)
+    resume = [*common, "resume_from_checkpoint=true"]
+    with pytest.raises(preflight.ConfigError, match=(
+        rf"with loss_scaling.method=dynamic, but the training state '{re.escape(str(state))}' was trained with "
+        r"loss_scaling.method=manual: .* Resume with loss_scaling.method=manual")):
+        setup_recipe(tiny_config(assets_root, out, [*resume, "loss_scaling.method=dynamic"]))
+    with pytest.raises(preflight.ConfigError, match=(
+        rf"the training state '{re.escape(str(state))}' was saved mid-epoch by a run on 1 process\(es\) with a global batch of 4 "
+        r"samples \(batch_size=4 x gradient_accumulation_steps=1 x 1 process\(es\)\); this run has 1 with 2")):
+        setup_recipe(tiny_config(assets_root, out, [*resume, "batch_size=2"]))
+    # A state the pre-flight cannot read cheaply is checked again by the recipe, still before any weights load.
+    monkeypatch.setattr(checkpointing, "peek_training_state", lambda output_dir: None)
+    cfg = tiny_config(assets_root, out, [*resume, "loss_scaling.enabled=false", "kd_ratio=0.5"])
+    recipe = RECIPE.KDRecipeSingleDevice(cfg=cfg)
+    with pytest.raises(preflight.ConfigError, match=r"with loss_scaling.enabled=false \(the kd_ratio blend\), but the "
+                                                    r"training state .* was trained with loss_scaling.method=manual"):
+        recipe.setup(cfg=cfg)
+
+
+def test_extending_a_finished_run_warns_that_the_lr_schedule_changes(tiny_assets, assets_root, tmp_path, caplog):
+    """epochs=1 then epochs=2 with a cosine schedule (3e-3, 2 warm-up steps, 3 steps per epoch): the first run's lr
+    ends at 0; the resumed run follows a 6-step cosine from step 3 on."""
+    out = tmp_path / "out"
+    common = ["max_steps_per_epoch=3", "optimizer.lr=3e-3", "lr_scheduler.num_warmup_steps=2"]
+    run_recipe(tiny_config(assets_root, out, [*common, "epochs=1"]), RECIPE)
+    ended = logged(out)["lr"][3]
+    assert ended == 0.0
+    with caplog.at_level(logging.WARNING):
+        run_recipe(tiny_config(assets_root, out, [*common, "epochs=2", "resume_from_checkpoint=true"]), RECIPE)
+
+    def cosine(step: int, total: int) -> float:  # torchtune's warm-up + half cosine, written out
+        return 3e-3 * (step / 2 if step < 2 else 0.5 * (1 + math.cos(math.pi * (step - 2) / (total - 2))))
+
+    resumed_at = cosine(3, 6)
+    assert resumed_at == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert (
+        f"the learning-rate schedule changes on resume: the checkpoint was trained with a schedule of 3 steps, this "
+        f"run's spans 6 (epochs x steps per epoch), so the lr jumps from {ended:.6g} (where the run stood after step 3) "
+        f"to {resumed_at:.6g}"
+    ) in caplog.text
+    assert "cannot keep the old schedule" in caplog.text and f"checkpoint_dir={out / 'epoch_0'}" in caplog.text
+    lr = logged(out)["lr"]  # logged after each step's scheduler step: the lr of the next step
+    for step in (4, 5, 6):
+        assert lr[step] == pytest.approx(cosine(step, 6), abs=1e-12), step
 
 
 def test_config_errors_reach_the_user_as_one_clean_block(tiny_assets, assets_root, tmp_path):

@@ -57,6 +57,12 @@ def full_cache(tiny_assets, assets_root, tmp_path_factory) -> Path:
     return folder
 
 
+def without_checksums(shards: list) -> list:
+    """A manifest's shard records but their SHA-256s: safetensors writes a header's metadata in any order, so equal
+    tensors need not give equal bytes."""
+    return [{key: value for key, value in shard.items() if key != "sha256"} for shard in shards]
+
+
 def logged(out: Path) -> dict:
     return {k: dict(v) for k, v in run_logs.read_disk_log(out / "logs").items()
             if k not in ("tokens_per_second", "peak_memory_rss_gib")}
@@ -250,8 +256,9 @@ def test_interrupted_prepass_resumes_to_the_same_cache(tiny_assets, assets_root,
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), shard["file"]
         with safe_open(str(tmp_path / "straight" / shard["file"]), "pt") as x, safe_open(str(tmp_path / "resumed" / shard["file"]), "pt") as y:
             assert x.metadata() == y.metadata()
-    for key in ("fingerprint", "num_rows", "bytes", "shards"):
+    for key in ("fingerprint", "num_rows", "bytes"):
         assert resumed[key] == straight[key]
+    assert without_checksums(resumed["shards"]) == without_checksums(straight["shards"])
 
     # A third run finds the cache complete and writes nothing.
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").iterdir()}
@@ -259,21 +266,102 @@ def test_interrupted_prepass_resumes_to_the_same_cache(tiny_assets, assets_root,
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").iterdir()} == before
 
 
-def test_prepass_never_touches_foreign_files_and_replaces_only_when_asked(tiny_assets, assets_root, tmp_path):
+def test_prepass_never_touches_foreign_files_and_replaces_only_when_asked(tiny_assets, assets_root, tmp_path,
+                                                                          monkeypatch):
     overrides = ["teacher_cache.top_k=4", "teacher_cache.samples_per_shard=48"]
     folder = tmp_path / "cache"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(teacher_cache.CacheError, match="not a teacher cache's .*notes.txt"):
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded")
+
+    # Refused by the pre-flight, before the teacher loads and before anything is written.
+    monkeypatch.setattr(PREPASS.TeacherCachePrepass, "_build_teacher", no_teacher)
+    with pytest.raises(preflight.ConfigError, match="teacher_cache.path=.*notes.txt.*teacher_cache.overwrite=true"):
         build_cache(assets_root, folder, overrides)
-    assert (folder / "notes.txt").read_text() == "mine"
-    (folder / "notes.txt").unlink()
-    build_cache(assets_root, folder, overrides)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    monkeypatch.undo()
+    # With overwrite the folder is adopted: the cache is written beside the file, which is never touched.
+    build_cache(assets_root, folder, [*overrides, "teacher_cache.overwrite=true"])
     with pytest.raises(teacher_cache.CacheError, match="teacher_cache.overwrite=true"):
         build_cache(assets_root, folder, ["teacher_cache.top_k=8", "teacher_cache.samples_per_shard=48"])
     replaced = build_cache(assets_root, folder, ["teacher_cache.top_k=8", "teacher_cache.samples_per_shard=48",
                                                  "teacher_cache.overwrite=true"])
     assert replaced["top_k"] == 8
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def small_cache(tiny_assets, assets_root, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cache") / "small"
+    build_cache(assets_root, folder, ["teacher_cache.top_k=8", "teacher_cache.samples_per_shard=40"])
+    return folder
+
+
+def _damaged_copy(small_cache: Path, tmp_path: Path, how: str) -> Path:
+    folder = tmp_path / f"cache_{how}"
+    shutil.copytree(small_cache, folder)
+    shard = folder / "shard_00001.safetensors"
+    data = shard.read_bytes()
+    if how == "truncated":
+        shard.write_bytes(data[: len(data) // 3])
+    elif how == "junk":
+        shard.write_bytes(bytes(torch.randint(0, 256, (len(data),), generator=torch.Generator().manual_seed(0),
+                                              dtype=torch.uint8).tolist()))
+    elif how == "pickle":
+        import pickle
+
+        shard.write_bytes(pickle.dumps({"ids": list(range(10))}, protocol=4))
+    elif how == "bytes_inside":  # the same size and modification time, the header intact
+        stat = shard.stat()
+        changed = bytearray(data)
+        for offset in range(len(data) - 4000, len(data), 37):
+            changed[offset] ^= 0x5A
+        shard.write_bytes(bytes(changed))
+        import os
+
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return folder
+
+
+@pytest.mark.parametrize("how", ["truncated", "junk", "pickle"])
+def test_a_damaged_shard_is_refused_before_the_student_loads(tiny_assets, assets_root, tmp_path, small_cache, how):
+    folder = _damaged_copy(small_cache, tmp_path, how)
+    cfg = tiny_config(assets_root, tmp_path / "out", [*COMMON, f"teacher_cache.path={folder}"])
+    # The recipe's constructor runs the pre-flight; the models are built later, in setup().
+    with pytest.raises(preflight.ConfigError) as err:
+        RECIPE.KDRecipeSingleDevice(cfg=cfg)
+    message = str(err.value)
+    assert "shard_00001.safetensors is damaged" in message
+    assert "tune run recipes/cache_teacher.py" in message and "teacher_cache.overwrite=true" in message
+
+
+def test_a_damaged_shard_ends_the_cli_run_with_one_message_before_any_model_loads(tiny_assets, assets_root, tmp_path,
+                                                                                 small_cache):
+    from torchtune_kd import tune_cli
+
+    folder = _damaged_copy(small_cache, tmp_path, "pickle")
+    result = tune_cli.tune_run(
+        "recipes/knowledge_distillation_single_device.py", REPO / "configs" / "tiny_cpu.yaml",
+        [*COMMON, f"teacher_cache.path={folder}", f"output_dir={tmp_path / 'o'}"],
+        cwd=REPO, env={"KD_ASSETS": str(assets_root)}, timeout=300,
+    )
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "shard_00001.safetensors is damaged: it is a pickle" in result.stdout
+    assert "Traceback" not in result.stdout
+    assert "Loss is initialized" not in result.stdout and "Teacher cache " not in result.stdout
+
+
+def test_changed_bytes_inside_a_shard_stop_training_at_its_first_read(tiny_assets, assets_root, tmp_path, small_cache):
+    """The quick pre-flight reads headers only; the shard's checksum is checked when training first reads it, and
+    teacher_cache.verify=full checks it before the models load."""
+    folder = _damaged_copy(small_cache, tmp_path, "bytes_inside")
+    common = [*COMMON, f"teacher_cache.path={folder}"]
+    with pytest.raises(teacher_cache.CacheError, match="shard_00001.safetensors is damaged: its SHA-256 differs"):
+        run_recipe(tiny_config(assets_root, tmp_path / "quick", common), RECIPE)
+    message = _problems(assets_root, tmp_path / "full", [*common, "teacher_cache.verify=full"])
+    assert "shard_00001.safetensors is damaged: its SHA-256 differs" in message
 
 
 def test_prepass_cli(tiny_assets, assets_root, tmp_path):
@@ -310,7 +398,8 @@ def test_prepass_on_two_processes_writes_the_same_cache(tiny_assets, assets_root
     one = json.loads((full_cache / teacher_cache.MANIFEST).read_text())
     assert one["mean_tail_mass"] == 0.0  # k = vocab: nothing outside
     two = json.loads((folder / teacher_cache.MANIFEST).read_text())
-    assert two["world_size"] == 2 and two["fingerprint"] == one["fingerprint"] and two["shards"] == one["shards"]
+    assert two["world_size"] == 2 and two["fingerprint"] == one["fingerprint"]
+    assert without_checksums(two["shards"]) == without_checksums(one["shards"])
     for shard in one["shards"]:
         a, b = load_file(full_cache / shard["file"]), load_file(folder / shard["file"])
         for key in a:

@@ -537,6 +537,35 @@ def test_plot_run_one_and_two_runs(tmp_path):
     assert plot_run.main([str(tmp_path / "jsd"), "--metrics", "nothing_here", "--out", str(tmp_path / "x.png")]) == 2
 
 
+def test_a_plot_never_replaces_an_existing_file_unasked(tmp_path):
+    from torchtune_kd.output_file import OutputFileError
+
+    runs = {"a": {"loss": [(1, 1.0), (2, 0.5)]}}
+    png = tmp_path / "curves.png"
+    png.write_bytes(b"the user's picture")
+    with pytest.raises(OutputFileError, match=r"curves\.png.* exists.*overwrite=True"):
+        plots.plot_runs(runs, png)
+    with pytest.raises(OutputFileError, match="exists"):
+        plots.plot_metrics_by_step({"a": [(1, {"ppl": 2.0})]}, png, [("ppl", "p")])
+    assert png.read_bytes() == b"the user's picture"
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]  # no staging file left behind
+    plots.plot_runs(runs, png, overwrite=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_models_refuses_a_users_folder_before_reading_any_model(tmp_path, monkeypatch):
+    from torchtune_kd.output_folder import OutputFolderError
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("a model folder was read before the output folder was checked")
+
+    monkeypatch.setattr(lm_eval_runner, "validate_model_dir", heavy)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputFolderError, match=r"output_dir=.* holds files .* did not write \(notes\.txt\)"):
+        lm_eval_runner.evaluate_models({"m": tmp_path / "model"}, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_plot_metrics_by_step_draws_each_curve_in_step_order_and_the_references(tmp_path, monkeypatch):
     import matplotlib.figure
 

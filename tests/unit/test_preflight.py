@@ -295,6 +295,60 @@ def test_writable_output_dir_is_not_created_by_the_check(assets_root, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_output_dir_holding_a_users_epoch_folder_is_refused_with_overwrite_too(assets_root, tmp_path):
+    (tmp_path / "out" / "epoch_0").mkdir(parents=True)
+    for overwrite in ("false", "true"):
+        message = problems(assets_root, tmp_path, f"overwrite_output_dir={overwrite}")
+        expect(message, rf"output_dir='{re.escape(str(tmp_path / 'out'))}' holds epoch_0, which this run writes, but "
+                        r"torchtune-kd recipe did not write it: never replaced")
+    assert list((tmp_path / "out").iterdir()) == [tmp_path / "out" / "epoch_0"]  # the check writes nothing
+
+
+def test_output_dir_holding_other_files_needs_overwrite_which_keeps_them(assets_root, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    expect(problems(assets_root, tmp_path), r"holds files torchtune-kd recipe did not write \(notes\.txt\).*"
+                                            r"overwrite_output_dir=True to write beside them")
+    validate(assets_root, tmp_path, "overwrite_output_dir=true")
+
+
+def _recipe_state(out: Path, **entries) -> Path:
+    """A training state as the recipe leaves it (in a folder it claimed), with the entries a resume checks."""
+    from torchtune_kd.core import checkpointing
+
+    folder, _ = checkpointing.claim_output_dir(out, resume=False, overwrite=False)
+    folder.claim(checkpointing.TRAINING_STATE_DIR)
+    state = {"seed": 0, "epochs_run": 0, "global_step": 2, "optimizer": {}, "trainable": {}, "dataloader": None,
+             "loss_scaling": {"method": "manual", "scales": {}, "running": {}}, **entries}
+    return checkpointing.save_training_state(state, out, step=2, keep_last_n=1)
+
+
+def test_resume_with_a_changed_loss_scaling_method_is_named_before_weights_load(assets_root, tmp_path):
+    path = _recipe_state(tmp_path / "out")
+    validate(assets_root, tmp_path, "resume_from_checkpoint=true")
+    message = problems(assets_root, tmp_path, "resume_from_checkpoint=true", "loss_scaling.method=dynamic")
+    expect(message, rf"resume_from_checkpoint=True with loss_scaling.method=dynamic, but the training state "
+                    rf"'{re.escape(str(path))}' was trained with loss_scaling.method=manual: .* Resume with "
+                    r"loss_scaling.method=manual, or start a new run")
+
+
+def test_resume_mid_epoch_with_another_global_batch_is_named_before_weights_load(assets_root, tmp_path):
+    _recipe_state(tmp_path / "out", dataloader={"yielded": 8}, global_batch=4, world_size=1,
+                  settings={"batch_size": 4, "gradient_accumulation_steps": 1})
+    validate(assets_root, tmp_path, "resume_from_checkpoint=true", "batch_size=2", "gradient_accumulation_steps=2")
+    message = problems(assets_root, tmp_path, "resume_from_checkpoint=true", "batch_size=2")
+    expect(message, r"saved mid-epoch by a run on 1 process\(es\) with a global batch of 4 samples \(batch_size=4 x "
+                    r"gradient_accumulation_steps=1 x 1 process\(es\)\); this run has 1 with 2 .*Resume with a global "
+                    r"batch of 4 samples")
+
+
+def test_resume_of_a_folder_the_recipe_did_not_write_is_named(assets_root, tmp_path):
+    (tmp_path / "out" / "training_state").mkdir(parents=True)
+    for overwrite in ("false", "true"):
+        message = problems(assets_root, tmp_path, "resume_from_checkpoint=true", f"overwrite_output_dir={overwrite}")
+        expect(message, r"resume_from_checkpoint=True but output_dir=.* was not written by torchtune-kd recipe")
+
+
 # ------------------------------------------------------------------------------------- j. tokenizer and data
 
 
@@ -372,6 +426,8 @@ RECORDS = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in 
     "name, content, pattern",
     [
         ("empty.json", "", r"dataset\.data_files='{path}' is empty: put the samples in it"),
+        # An empty JSON list parses, and `datasets` then names no file ("corresponds to no data").
+        ("empty_list.json", [], r"dataset\.data_files='{path}' holds no samples: put the samples in it"),
         ("broken.json", '[{"instruction": "a", "output": "b"', r"dataset\.data_files='{path}' is not valid JSON "
                                                                 r"\(line 1, column \d+: .*\)"),
         ("broken.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c" "output": "d"}\n',

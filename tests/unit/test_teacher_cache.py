@@ -98,7 +98,7 @@ def _write_cache(folder: Path, items, k: int, vocab: int, per_shard: int):
     """A cache of ``items`` (tokens, labels) with random teacher logits, written by the module's own writer."""
     settings = teacher_cache.CacheSettings(folder, k, "float32", per_shard, None, False)
     folder.mkdir(parents=True)
-    fingerprint = {"top_k": k, "temperature": 1.0}
+    fingerprint = {"top_k": k, "temperature": 1.0, "vocab_size": vocab}
     digest = teacher_cache.fingerprint_digest(fingerprint)
     g = torch.Generator().manual_seed(3)
     logits_per_item = []

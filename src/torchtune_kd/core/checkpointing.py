@@ -2,20 +2,30 @@
 
 Layout of an output folder (``output_dir``)::
 
+    .torchtune_kd_outputs.json          the marker: this folder is the recipes', and which entries they wrote
     epoch_{N}/                          the student as a clean Hugging Face model (what lm-eval and transformers load)
     adapters/epoch_{N}/                 LoRA adapter (PEFT format + torchtune's .pt) for LoRA students
     projections/epoch_{N}/projections.pt  learned student->teacher projections
     training_state/step_{S}/recipe_state.pt  everything resume needs, after optimiser step S (mid-epoch or epoch end)
+    logs/                               the metric logger's folder (and the profiler's), when inside ``output_dir``
 
 Guarantees:
 
-- every file and folder is written under a temporary name and moved into place (``os.replace``), so a crash leaves
-  the old version or the new one, never half of one; leftovers of an interrupted save (``.epoch_N.old``,
-  ``.staging_*``, ``.*.tmp``) are recognised by name and removed on the next save;
+- the folder follows the shared output-folder rule (:mod:`torchtune_kd.output_folder`, owner :data:`OWNER`, shared
+  by both recipes): a run claims ``output_dir`` before any model is built and records every top-level entry in the
+  marker *before* writing it; what is the run's is decided by the marker only, never by a name. So
+  ``overwrite_output_dir=True`` deletes only entries the recipes wrote (a user's ``epoch_0/`` or ``notes.txt`` is
+  never touched, and a folder holding a user's entry that a run would write is refused, naming it), and only the
+  temporaries of owned entries are cleaned (inside ``training_state/`` and ``adapters/``, which are the recipes'
+  own folders, by this module's temporary names);
+- every file and folder is written under a temporary name and moved into place (``os.replace``), so a crash or a
+  failed write (permissions, a full disk) leaves the old version or the new one, never half of one; the next save
+  removes what an interrupted one left (``.epoch_N.staging``, ``.epoch_N.old``, ``.*.tmp``);
 - the training state is loaded with ``torch.load(weights_only=True)``: a crafted file cannot run code, and a
   corrupt or foreign file gets an error naming it;
 - a new run refuses an output folder that already holds another run's outputs (unless it resumes, or the user asks
-  to overwrite), and no path this module writes or deletes may contain an input (checkpoint, tokenizer, data);
+  to overwrite), resume needs a folder the recipes wrote, and no path this module writes or deletes may contain an
+  input (checkpoint, tokenizer, data);
 - non-finite weights are never written.
 """
 
@@ -31,13 +41,18 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
+from torchtune_kd import output_folder
+
+# The owner recorded in the marker: both recipes share it (a run resumes in either).
+OWNER = "torchtune-kd recipe"
+OPTION = "output_dir"
+OVERWRITE_HINT = "overwrite_output_dir=True"
 TRAINING_STATE_DIR = "training_state"
 STATE_FILE = "recipe_state.pt"
 # Written by earlier versions (one state, overwritten at each epoch end); still resumable.
 LEGACY_STATE = Path(TRAINING_STATE_DIR) / STATE_FILE
 STATE_FORMAT = 2
 RUN_OUTPUTS = ("adapters", "projections", TRAINING_STATE_DIR)
-_EPOCH_DIR = re.compile(r"^epoch_\d+$")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Names of this module's own temporaries (see atomic_torch_save, replace_dir, stage_dir).
 _LEFTOVER = re.compile(r"^\.(.+\.(old|tmp)|.+\.staging|staging_.+)$")
@@ -69,21 +84,28 @@ def stage_dir(final: Path) -> Path:
 def replace_dir(staged: Path, final: Path) -> None:
     """Move a fully written folder into place, replacing an older one of the same name.
 
-    Between the two renames the old folder is ``.<name>.old``; if the process dies there, the next save's
-    :func:`clean_leftovers` removes it.
+    Between the two renames the old folder is ``.<name>.old``: if the second rename fails (a permission or disk
+    error), the old folder is moved back before the error goes on; if the process dies there, the next save removes
+    the leftover.
     """
     if final.exists():
         trash = final.with_name(f".{final.name}.old")
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(final, trash)
-        os.replace(staged, final)
+        try:
+            os.replace(staged, final)
+        except OSError:
+            os.replace(trash, final)
+            raise
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(staged, final)
 
 
 def clean_leftovers(*folders: Path) -> list[Path]:
-    """Remove the temporaries an interrupted save left in ``folders`` (only names this module creates).
+    """Remove the temporaries an interrupted save left in ``folders``, by this module's temporary names: only for
+    folders that are the recipes' own (``training_state/``, ``adapters/``); at the top of ``output_dir`` only
+    :meth:`~torchtune_kd.output_folder.OwnedFolder.remove_temporaries` may delete (the temporaries of owned entries).
 
     Returns:
         list[Path]: what was removed.
@@ -122,28 +144,65 @@ def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def written_paths(output_dir: Path, epochs: int) -> list[Path]:
-    """Every path a run writes into or may replace (and so may delete an older version of)."""
-    output_dir = Path(output_dir)
-    paths = [output_dir / f"epoch_{epoch}" for epoch in range(epochs)]
-    paths += [output_dir / name for name in RUN_OUTPUTS]
-    return paths
-
-
-def previous_run_outputs(output_dir: Path) -> list[Path]:
-    """The outputs of an earlier run in ``output_dir`` (epoch exports, adapters, projections, training state)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
+def side_dirs(cfg: Mapping[str, Any]) -> list[str]:
+    """The folders a run's components write besides the checkpoints: the metric logger's ``log_dir`` and, when
+    profiling, the profiler's ``output_dir`` (by default both inside ``output_dir``)."""
     found = []
-    for path in sorted(output_dir.iterdir()):
-        if not path.is_dir():
+    logger = cfg.get("metric_logger")
+    if isinstance(logger, Mapping) and logger.get("log_dir"):
+        found.append(str(logger["log_dir"]))
+    profiler = cfg.get("profiler")
+    if isinstance(profiler, Mapping) and profiler.get("enabled", False) is True and profiler.get("output_dir"):
+        found.append(str(profiler["output_dir"]))
+    return found
+
+
+def side_entries(output_dir: Path, folders: Iterable[Any]) -> list[str]:
+    """The top-level entries of ``output_dir`` that hold ``folders`` (``logs`` for ``output_dir/logs``); folders
+    elsewhere (or ``output_dir`` itself) have none."""
+    outer = Path(output_dir).expanduser().absolute()
+    entries = []
+    for folder in folders:
+        try:
+            relative = Path(str(folder)).expanduser().absolute().relative_to(outer)
+        except ValueError:
             continue
-        if path.name == TRAINING_STATE_DIR:
-            # Only complete states count: a run that died before its first save left nothing to lose.
+        if relative.parts and relative.parts[0] not in (".", "..") and relative.parts[0] not in entries:
+            entries.append(relative.parts[0])
+    return entries
+
+
+def run_entries(epochs: int, side: Iterable[str] = ()) -> list[str]:
+    """The top-level entries of ``output_dir`` a run of ``epochs`` epochs may write (and so replace), with the
+    ``side`` entries of :func:`side_entries`."""
+    names = [f"epoch_{epoch}" for epoch in range(epochs)] + list(RUN_OUTPUTS)
+    return names + [name for name in side if name not in names]
+
+
+def written_paths(output_dir: Path, epochs: int, side: Iterable[str] = ()) -> list[Path]:
+    """Every path a run writes into or may replace (and so may delete an older version of)."""
+    return [Path(output_dir) / name for name in run_entries(epochs, side)]
+
+
+def previous_run_outputs(output_dir: Path, owned: Iterable[str], ignore: Iterable[str] = ()) -> list[Path]:
+    """The outputs an earlier run left among the ``owned`` entries (those the marker lists) of ``output_dir``.
+
+    A folder without content does not count, nor ``training_state/`` without a complete state (a run that died
+    before its first save left nothing to lose), nor the ``ignore`` entries (the metric logger's folder: a new run
+    adds its own log file beside the old ones).
+    """
+    output_dir = Path(output_dir)
+    skipped = set(ignore)
+    found = []
+    for name in sorted(set(owned) - skipped):
+        path = output_dir / name
+        if name == TRAINING_STATE_DIR:
             if list_training_states(output_dir) or (output_dir / LEGACY_STATE).is_file():
                 found.append(path)
-        elif _EPOCH_DIR.match(path.name) or (path.name in RUN_OUTPUTS and any(path.iterdir())):
+        elif path.is_dir() and not path.is_symlink():
+            if any(path.iterdir()):
+                found.append(path)
+        elif os.path.lexists(path):
             found.append(path)
     return found
 
@@ -155,43 +214,140 @@ def check_output_dir(
     resume: bool,
     overwrite: bool,
     inputs: Mapping[str, Path],
+    side: Iterable[Any] = (),
 ) -> list[str]:
     """Problems with writing a run into ``output_dir``, each naming the path and the fix (empty list: fine).
+
+    Writes nothing. The folder must be new, empty or the recipes' own (its marker); ``overwrite`` adopts a folder
+    holding other files, which stay untouched, unless one of them has the name of an entry the run writes (a user's
+    ``epoch_0/``): that is refused whatever the flags.
 
     Args:
         output_dir (Path): the run's output folder.
         epochs (int): number of epochs (each writes ``epoch_{N}/``).
-        resume (bool): ``resume_from_checkpoint``: the folder is expected to hold the run.
-        overwrite (bool): ``overwrite_output_dir``: the user asked to replace an earlier run's outputs.
+        resume (bool): ``resume_from_checkpoint``: the folder must be one the recipes wrote.
+        overwrite (bool): ``overwrite_output_dir``: the user asked to replace an earlier run's outputs (only the
+            entries the recipes wrote are deleted) or to write beside files the recipes did not write.
         inputs (Mapping[str, Path]): config key -> input path (checkpoint folders, tokenizer and data files); none
             of them may lie where the run writes, with or without ``overwrite``.
+        side (Iterable[Any]): the folders the run's components write (:func:`side_dirs`); inside ``output_dir``
+            their top-level entries are the run's too.
     """
     output_dir = Path(output_dir)
+    shown = f"{OPTION}={str(output_dir)!r}"
+    extra = side_entries(output_dir, side)
     problems = []
     for key, path in inputs.items():
-        for target in written_paths(output_dir, epochs):
+        for target in written_paths(output_dir, epochs, extra):
             if _contains(target, Path(path)):
                 problems.append(
                     f"{key}={str(path)!r} lies inside {str(target)!r}, which this run writes (and would replace): "
                     "point output_dir elsewhere or move the input out of it"
                 )
                 break
-    previous = previous_run_outputs(output_dir)
-    if previous and not resume and not overwrite:
+    report = output_folder.inspect(output_dir)
+    if not report.exists or not report.is_dir or report.bad_marker or report.owner not in (None, OWNER):
+        # A file, an unreadable marker, another command's folder: the shared rule's own message.
+        return problems + output_folder.check(output_dir, owner=OWNER, option=OPTION, overwrite=overwrite,
+                                              overwrite_hint=OVERWRITE_HINT)
+    if resume and report.owner is None and report.foreign:
+        problems.append(
+            f"resume_from_checkpoint=True but {shown} was not written by {OWNER} (it has no "
+            f"{output_folder.MARKER}; it holds {', '.join(report.foreign[:5])}"
+            f"{' ...' if len(report.foreign) > 5 else ''}): point output_dir at the run to resume, or start a "
+            "new run (a new output_dir)"
+        )
+        return problems
+    clashes = [name for name in run_entries(epochs, extra) if name in report.foreign]
+    if clashes:
+        problems.append(
+            f"{shown} holds {', '.join(clashes)}, which this run writes, but {OWNER} did not write "
+            f"{'it' if len(clashes) == 1 else 'them'}: never replaced (with {OVERWRITE_HINT} too); move "
+            f"{'it' if len(clashes) == 1 else 'them'} out of the folder, or choose another output_dir"
+        )
+        return problems
+    if resume:
+        return problems
+    problems += output_folder.check(output_dir, owner=OWNER, option=OPTION, overwrite=overwrite,
+                                    overwrite_hint=OVERWRITE_HINT)
+    previous = previous_run_outputs(output_dir, report.written, ignore=extra)
+    if previous and not overwrite:
         names = ", ".join(p.name for p in previous)
         problems.append(
-            f"output_dir={str(output_dir)!r} already holds another run's outputs ({names}): resume it with "
-            "resume_from_checkpoint=True, choose a new output_dir, or set overwrite_output_dir=True to replace them"
+            f"{shown} already holds another run's outputs ({names}): resume it with "
+            f"resume_from_checkpoint=True, choose a new output_dir, or set {OVERWRITE_HINT} to replace them (only "
+            f"what {OWNER} wrote there is deleted)"
         )
     return problems
 
 
-def remove_previous_run(output_dir: Path) -> list[Path]:
-    """Delete an earlier run's outputs (``overwrite_output_dir=True``); other files in the folder are kept."""
-    removed = previous_run_outputs(output_dir)
-    for path in removed:
-        shutil.rmtree(path)
-    return removed
+def claim_output_dir(
+    output_dir: Path, *, resume: bool, overwrite: bool, side: Iterable[Any] = ()
+) -> tuple[output_folder.OwnedFolder, list[Path]]:
+    """Make ``output_dir`` the run's (rank 0, before any model is built): claim it, delete an earlier run's
+    outputs when ``overwrite`` asks to start afresh (only entries the recipes wrote), and claim the entries of the
+    ``side`` folders (:func:`side_dirs`) that lie inside, before their components create them.
+
+    Returns:
+        tuple[OwnedFolder, list[Path]]: the claimed folder and what was deleted.
+
+    Raises:
+        ConfigError: the folder cannot be written without risking a user's file (see :func:`check_output_dir`,
+            which the pre-flight runs first).
+    """
+    from torchtune_kd.core.preflight import ConfigError
+
+    extra = side_entries(output_dir, side)
+    try:
+        folder = output_folder.claim_output_folder(
+            output_dir, owner=OWNER, option=OPTION, overwrite=overwrite and not resume, overwrite_hint=OVERWRITE_HINT
+        )
+        removed = folder.remove_all() if overwrite and not resume else []
+        if extra:
+            folder.claim(*extra)
+    except output_folder.OutputFolderError as err:
+        raise ConfigError([str(err)]) from None
+    return folder, removed
+
+
+def entries_to_claim(epoch: Optional[int], *, lora: bool, adapter_weights_only: bool, projections: bool) -> list[str]:
+    """The top-level entries a save writes: the training state always; at an epoch end (``epoch`` given) also
+    ``epoch_{N}/`` (not for a LoRA student with ``save_adapter_weights_only``), ``adapters/`` (LoRA) and
+    ``projections/`` (when saved)."""
+    names = [TRAINING_STATE_DIR]
+    if epoch is not None:
+        if not (lora and adapter_weights_only):
+            names.append(f"epoch_{epoch}")
+        if lora:
+            names.append("adapters")
+        if projections:
+            names.append("projections")
+    return names
+
+
+def save_failure(err: BaseException, output_dir: Path, what: str) -> CheckpointError:
+    """The error for a save that could not be written (a read-only folder, a full disk, an entry in the way).
+
+    The writes are atomic, so nothing complete was replaced: the message names the newest complete training state
+    (still resumable) and the fix.
+    """
+    try:
+        latest = latest_training_state(output_dir)
+    except OSError:
+        latest = None
+    reason = str(err) if isinstance(err, output_folder.OutputFolderError) else f"{type(err).__name__}: {err}"
+    if latest is not None:
+        kept = (
+            f"Nothing saved before was replaced: the newest complete training state, {str(latest.parent)!r}, is "
+            "intact. Make output_dir writable again (permissions, free disk space, or move what is in the way), then "
+            "rerun the same command with resume_from_checkpoint=True to continue from it."
+        )
+    else:
+        kept = (
+            "No training state had been saved before this one. Make output_dir writable again (permissions, free "
+            "disk space, or move what is in the way) and start the run again."
+        )
+    return CheckpointError(f"could not save {what} into {OPTION}={str(output_dir)!r} ({reason}). {kept}")
 
 
 # ----------------------------------------------------------------------------------------------- training state
@@ -473,6 +629,103 @@ def load_latest_training_state(output_dir: Path) -> tuple[dict[str, Any], Path]:
         )
     state = load_training_state(path, required_keys=("seed", "epochs_run", "global_step", "optimizer", "trainable"))
     return state, path
+
+
+def peek_training_state(output_dir: Path) -> Optional[tuple[dict[str, Any], Path]]:
+    """The newest training state of ``output_dir`` and its file, read cheaply for the pre-flight: memory-mapped (no
+    tensor data is read) and without unpickling code (``weights_only=True``). ``None`` when there is none or it
+    cannot be read this way (the recipe then loads it and reports why)."""
+    path = latest_training_state(output_dir)
+    if path is None:
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # corrupt, crafted or foreign: load_training_state says which, with the fix
+        return None
+    return (state, path) if isinstance(state, dict) else None
+
+
+def _scaling_setting(method: str) -> str:
+    """How a weighting method is set in the config (``blend`` is ``loss_scaling.enabled=false``)."""
+    if method == "blend":
+        return "loss_scaling.enabled=false (the kd_ratio blend)"
+    return f"loss_scaling.method={method}"
+
+
+def loss_scaling_problem(state: Mapping[str, Any], path: Path, method: str) -> Optional[str]:
+    """Refusal of a resume whose loss-scaling method (``blend``, ``manual`` or ``dynamic``) differs from the one the
+    training state was trained with: its statistics and the meaning of its loss belong to that method."""
+    saved = state.get("loss_scaling")
+    saved = saved.get("method") if isinstance(saved, Mapping) else None
+    if saved is None or saved == method:
+        return None
+    return (
+        f"resume_from_checkpoint=True with {_scaling_setting(method)}, but the training state {str(path)!r} was "
+        f"trained with {_scaling_setting(saved)}: its loss-scaling statistics belong to that method. Resume with "
+        f"{_scaling_setting(saved)}, or start a new run (a new output_dir) to use {_scaling_setting(method)}"
+    )
+
+
+def global_batch_problem(
+    state: Mapping[str, Any], path: Path, *, batch_size: int, gradient_accumulation_steps: int, world_size: int
+) -> Optional[str]:
+    """Refusal of a mid-epoch training state saved with another global batch (``batch_size x
+    gradient_accumulation_steps x world size``): its position in the epoch is a number of samples this run's steps
+    cannot continue from (at an epoch end there is no position, and any batch resumes)."""
+    if state.get("dataloader") is None:
+        return None
+    saved, current = state.get("global_batch"), batch_size * gradient_accumulation_steps * world_size
+    if saved is None or saved == current:
+        return None
+    settings = state.get("settings") if isinstance(state.get("settings"), Mapping) else {}
+    old_split = (
+        f" (batch_size={settings['batch_size']} x gradient_accumulation_steps={settings['gradient_accumulation_steps']} "
+        f"x {state.get('world_size', 1)} process(es))"
+        if "batch_size" in settings and "gradient_accumulation_steps" in settings else ""
+    )
+    return (
+        f"the training state {str(path)!r} was saved mid-epoch by a run on {state.get('world_size', 1)} process(es) "
+        f"with a global batch of {saved} samples{old_split}; this run has {world_size} with {current} "
+        f"(batch_size={batch_size} x gradient_accumulation_steps={gradient_accumulation_steps} x world size): its "
+        f"position in the epoch cannot be carried over. Resume with a global batch of {saved} samples, or from an "
+        "epoch-end training state"
+    )
+
+
+def lr_schedule_change(
+    state: Mapping[str, Any],
+    *,
+    schedule_steps: int,
+    steps_per_epoch: int,
+    ended_lr: float,
+    resumed_lr: float,
+    output_dir: Path,
+) -> Optional[str]:
+    """A warning when a resumed run's learning-rate schedule spans another number of steps than the checkpoint's
+    (``epochs`` raised to extend a finished run, or changed mid-run): the lr jumps to the new schedule's value.
+
+    The recipe cannot keep the old schedule: torchtune's schedulers span ``num_training_steps``, which the recipe
+    sets to ``epochs x steps per epoch`` (and past its end a cosine would rise again). States written before the
+    schedule's length was recorded count ``total_epochs x steps_per_epoch``.
+    """
+    saved = state.get("lr_schedule_steps")
+    if saved is None and isinstance(state.get("total_epochs"), int):
+        saved = state["total_epochs"] * steps_per_epoch
+    if saved is None or saved == schedule_steps:
+        return None
+    step, epochs_run = state.get("global_step"), int(state.get("epochs_run", 0))
+    alternative = (
+        "; to go on at a learning rate you choose instead, start a new run from the last export "
+        f"(checkpointer.checkpoint_dir={Path(output_dir) / f'epoch_{epochs_run - 1}'}) with its own optimizer.lr and "
+        "lr_scheduler"
+        if epochs_run > 0 else ""
+    )
+    return (
+        f"the learning-rate schedule changes on resume: the checkpoint was trained with a schedule of {saved} steps, "
+        f"this run's spans {schedule_steps} (epochs x steps per epoch), so the lr jumps from {ended_lr:.6g} (where the "
+        f"run stood after step {step}) to {resumed_lr:.6g} and follows the new schedule from there. The recipe cannot "
+        f"keep the old schedule (it always spans epochs x steps per epoch){alternative}"
+    )
 
 
 # Settings recorded in a training state and compared on resume.

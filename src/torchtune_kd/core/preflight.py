@@ -698,7 +698,8 @@ def _check_checkpoint_config(key: str, model_key: str, ckpt: Any, model: nn.Modu
 
 def _check_output_dir(cfg: DictConfig, problems: list[str]) -> None:
     """The run can create ``output_dir`` (or write in it), tested on its nearest existing folder: nothing is created;
-    and the folder holds no other run's outputs, nor an input where the run writes."""
+    and the folder follows the output-folder rule (``checkpointing.check_output_dir``): no other run's outputs, no
+    file of the user's where the run writes, no input where the run writes."""
     value = cfg.get("output_dir", None)
     if value is None:
         return
@@ -712,14 +713,16 @@ def _check_output_dir(cfg: DictConfig, problems: list[str]) -> None:
             f"output_dir={str(value)!r} cannot be created: {str(probe)!r} is a file, not a folder: point output_dir at "
             "a folder you can write to"
         )
-    elif not os.access(probe, os.W_OK | os.X_OK):
+        return
+    if not os.access(probe, os.W_OK | os.X_OK):
         where = "" if probe == target else f": its nearest existing folder {str(probe)!r} does not allow this user to create files"
         problems.append(
             f"output_dir={str(value)!r} is not writable{where}: point output_dir elsewhere or fix the folder's "
             "permissions"
         )
         return
-    # The run's own outputs: an earlier run there, or an input where this run writes (kept out with overwrite too).
+    # The shared output-folder rule (new, empty or the recipes' own folder; a user's entry where the run writes is
+    # refused), an earlier run there, or an input where this run writes (kept out with overwrite too).
     problems.extend(
         checkpointing.check_output_dir(
             target,
@@ -727,8 +730,34 @@ def _check_output_dir(cfg: DictConfig, problems: list[str]) -> None:
             resume=cfg.get("resume_from_checkpoint", False) is True,
             overwrite=cfg.get("overwrite_output_dir", False) is True,
             inputs=checkpointing.config_input_paths(cfg),
+            side=checkpointing.side_dirs(cfg),
         )
     )
+
+
+def _check_resume(
+    cfg: DictConfig, weighting: Optional[loss_weighting.LossWeighting], world_size: int, problems: list[str]
+) -> None:
+    """What a resume cannot change, read from the newest training state's recorded settings (memory-mapped, never
+    unpickled into code) before any weights load: the loss-scaling method, and the global batch of a mid-epoch
+    state. A state that cannot be read this way is left to the recipe, which names the file and the fix."""
+    if cfg.get("resume_from_checkpoint", False) is not True or cfg.get("output_dir", None) is None:
+        return
+    peeked = checkpointing.peek_training_state(Path(str(cfg.output_dir)).expanduser())
+    if peeked is None:
+        return
+    state, path = peeked
+    if weighting is not None:
+        problem = checkpointing.loss_scaling_problem(state, path, weighting.method)
+        if problem:
+            problems.append(problem)
+    batch, accumulation = cfg.get("batch_size"), cfg.get("gradient_accumulation_steps")
+    if isinstance(batch, int) and isinstance(accumulation, int) and batch > 0 and accumulation > 0:
+        problem = checkpointing.global_batch_problem(
+            state, path, batch_size=batch, gradient_accumulation_steps=accumulation, world_size=world_size
+        )
+        if problem:
+            problems.append(problem)
 
 
 def disable_null_components(cfg: DictConfig) -> DictConfig:
@@ -842,10 +871,12 @@ def _json_problem(path: Path) -> Optional[str]:
     if not text.strip():
         return "it is empty"
     try:
-        json.loads(text)
-        return None
+        document = json.loads(text)
     except json.JSONDecodeError as err:
         whole = err
+    else:
+        # `datasets` reads `[]` as zero rows and says only 'Instruction "train" corresponds to no data!'.
+        return "it is empty" if document == [] or document == {} else None
     if text.lstrip().startswith("["):
         return f"line {whole.lineno}, column {whole.colno}: {whole.msg}"
     # Not one JSON document: JSON Lines, one record per line.
@@ -925,7 +956,10 @@ def _dataset_problem(where: str, ds_cfg: DictConfig, tokenizer: Any, err: Except
         if _is_local(value) and Path(value).is_file() and (source == "json" or value.endswith((".json", ".jsonl"))):
             reason = _json_problem(Path(value))
             if reason == "it is empty":
-                return f"{where}.data_files={value!r} is empty: put the samples in it or point {where}.data_files at the right file"
+                return (
+                    f"{where}.data_files={value!r} holds no samples: put the samples in it (a JSON list of records, or "
+                    f"one JSON record per line) or point {where}.data_files at the right file"
+                )
             if reason is not None:
                 return (
                     f"{where}.data_files={value!r} is not valid JSON ({reason}): fix the file (a JSON list of records, or "
@@ -1089,7 +1123,8 @@ def _loss_settings(cfg: DictConfig) -> Optional[tuple[float, int]]:
 def _check_teacher_cache_section(
     cfg: DictConfig, facts: Optional[ModelFacts], problems: list[str], notices: list[str], *, writing: bool
 ) -> bool:
-    """``teacher_cache: {path, top_k, dtype, samples_per_shard, batch_size, overwrite}``; True when well formed."""
+    """``teacher_cache: {path, top_k, dtype, samples_per_shard, batch_size, overwrite, verify, rehash_inputs}``; True
+    when well formed. For the pre-pass (``writing``) the folder must be one it may write (the output-folder rule)."""
     section = cfg.get("teacher_cache", None)
     if section is None:
         return False
@@ -1097,6 +1132,13 @@ def _check_teacher_cache_section(
     problems.extend(found)
     if found:
         return False
+    if writing:
+        from torchtune_kd import output_folder
+
+        problems.extend(output_folder.check(
+            teacher_cache.settings(section).path, owner=teacher_cache.OWNER, option="teacher_cache.path",
+            overwrite=teacher_cache.settings(section).overwrite, overwrite_hint="teacher_cache.overwrite=true",
+        ))
     if facts is not None and facts.layer_pairs:
         message = (
             f"layer_mapping={_show(cfg.get('layer_mapping'))} needs the teacher's hidden states, which a teacher cache "
@@ -1165,7 +1207,9 @@ def validate_config(
     Args:
         cfg (DictConfig): the full recipe config (after CLI overrides).
         check_files (bool): check the files: checkpoint, tokenizer and data files exist, safetensors headers are
-            complete, each checkpoint's ``config.json`` matches its model builder, ``output_dir`` can be written.
+            complete, each checkpoint's ``config.json`` matches its model builder, ``output_dir`` can be written
+            under the shared output-folder rule (``checkpointing.check_output_dir``) and, on resume, its newest
+            training state was trained with this loss-scaling method and (mid-epoch) this global batch.
             Default True.
         check_device (bool): check that the requested device exists. Default True.
         build_data (bool): also build the tokenizer and the dataset(s) (a list becomes a ``ConcatDataset``, as in the
@@ -1276,6 +1320,8 @@ def validate_config(
         _check_paths(cfg, problems, teacher_optional=using_cache)
         if not writing_cache:
             _check_output_dir(cfg, problems)
+            if not _concerns(problems, ["output_dir"]):
+                _check_resume(cfg, weighting, world_size or 1, problems)
 
     facts = None
     student = _meta_model(cfg.model, "model", problems) if isinstance(cfg.get("model"), DictConfig) else None

@@ -4,7 +4,9 @@
   component or gradient norm either skips the step (within a budget the user set, ``max_nonfinite_steps``) or stops
   the run with :class:`TrainingDivergedError`, naming the step, the component(s) and the last good checkpoint.
 - :class:`StopSignals` turns SIGTERM/SIGINT into a flag the training loop reads after each optimiser step, so the
-  step in progress finishes and a resumable checkpoint is written; a second Ctrl-C aborts at once.
+  step in progress finishes and a resumable checkpoint is written; a second Ctrl-C aborts at once. The recipe then
+  exits with 128 + the signal; :func:`exit_note` is its last line, saying so (and, under torchrun, that the launcher
+  turns it into exit status 1: a worker cannot change the launcher's status).
 """
 
 from __future__ import annotations
@@ -103,10 +105,30 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def report(self, step: int, checkpoint: Optional[Path], signum: Optional[int] = None) -> None:
+    def report(self, step: int, checkpoint: Optional[Path], signum: Optional[int] = None, note: str = "") -> None:
         """Say where the resumable checkpoint is and how to resume (``signum``: the signal that stopped the run, by
-        default the one this process received; under data parallelism another rank may have received it)."""
+        default the one this process received; under data parallelism another rank may have received it; ``note``:
+        what the exit status will be, see :func:`exit_note`)."""
         log.warning(
             f"Stopped by {signal.Signals(signum or self.received).name} after step {step}: resumable checkpoint in {checkpoint}. "
-            "Resume with the same command plus resume_from_checkpoint=True."
+            "Resume with the same command plus resume_from_checkpoint=True." + (f" {note}" if note else "")
         )
+
+
+def exit_note(signum: int, *, launcher: bool = False) -> str:
+    """The line that says which exit status follows a signal stop.
+
+    Args:
+        signum (int): the signal that stopped the run.
+        launcher (bool): the process is a worker of torchrun (``tune run --nproc_per_node``), which turns any
+            non-zero worker status into its own exit status 1; that cannot be changed from a worker, so the line
+            says it, for a user reading a "failed" job's log.
+    """
+    name, status = signal.Signals(signum).name, SIGNAL_EXIT_BASE + signum
+    if not launcher:
+        return f"Exiting with status {status} (128 + {name})."
+    return (
+        f"Each rank exits with status {status} (128 + {name}); torchrun reports that as a failed job (exit status 1 "
+        f"and a ChildFailedError summary listing exitcode {status} per rank, or a SignalException traceback when "
+        "torchrun itself received the signal), but this checkpoint is complete."
+    )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import subprocess
@@ -38,6 +39,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from torchtune_kd import output_folder
 
 GENSIM_VERSION = "4.4.0"
 # One fixed wheel, whatever machine runs this, so the corpus files are always the same bytes (checked below).
@@ -281,7 +284,7 @@ def split_documents(
 
 
 def prepare_text_data(
-    cache_dir: str | Path,
+    cache_dir: str | Path | output_folder.OwnedFolder,
     *,
     max_tokens: int = 96,
     min_tokens: int = 24,
@@ -298,8 +301,13 @@ def prepare_text_data(
 ) -> dict[str, Path]:
     """Write deterministic alpaca train/validation splits and a disjoint held-out text into ``<cache_dir>/text/``.
 
+    Output folder (:mod:`torchtune_kd.output_folder`): given the cache as an ``OwnedFolder`` (the command claimed
+    it), ``text`` (and with ``use_gensim`` ``sources`` and ``downloads``) are claimed there before anything is
+    written, and refused if the folder holds them without its owner having written them. Given a plain path, a file
+    already there is never overwritten: an identical earlier preparation is reused, anything else is refused.
+
     Args:
-        cache_dir: Cache root.
+        cache_dir: Cache root, or the cache claimed by the calling command.
         max_tokens: Longest passage, in tokens of ``count_tokens``.
         min_tokens: Shortest passage kept.
         count_tokens: Token counter, e.g. ``lambda s: len(tok.encode(s, add_bos=False, add_eos=False))`` with
@@ -321,7 +329,8 @@ def prepare_text_data(
         ``dir``.
 
     Raises:
-        ValueError: for out-of-range settings.
+        ValueError: for out-of-range settings; ``output_folder.OutputFolderError`` (a ``ValueError``) for outputs
+            that are not the caller's to write.
     """
     _check_count("max_tokens", max_tokens, 8)
     _check_count("min_tokens", min_tokens, 1)
@@ -332,7 +341,12 @@ def prepare_text_data(
     for name, value in (("max_train", max_train), ("max_validation", max_validation), ("max_heldout", max_heldout)):
         _check_count(name, value, 1)
 
-    out_dir = Path(cache_dir) / "text"
+    folder = cache_dir if isinstance(cache_dir, output_folder.OwnedFolder) else None
+    cache = folder.path if folder is not None else Path(cache_dir)
+    if folder is not None:
+        # fetch_gensim_corpora writes sources/ (and downloads/ when it fetches the wheel).
+        folder.claim("text", *(("sources", "downloads") if use_gensim else ()))
+    out_dir = cache / "text"
     paths = {
         "train": out_dir / "train.json",
         "validation": out_dir / "validation.json",
@@ -355,9 +369,21 @@ def prepare_text_data(
         "python": sys.version.split()[0],
     }
     if paths["manifest"].is_file() and not force:
-        previous = json.loads(paths["manifest"].read_text())
-        if previous.get("settings") == settings and all(p.is_file() for p in paths.values() if p != out_dir):
+        try:
+            previous = json.loads(paths["manifest"].read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            previous = {}  # an unreadable manifest: never a reason to reuse
+        complete = all(p.is_file() for p in paths.values() if p != out_dir)
+        if isinstance(previous, dict) and previous.get("settings") == settings and complete:
             return paths
+    existing = [p.name for key, p in paths.items() if key != "dir" and os.path.lexists(p)]
+    if folder is None and existing:
+        raise output_folder.OutputFolderError(
+            f"{str(out_dir)!r} holds {', '.join(existing)}, not a preparation with these settings"
+            f"{' (force=True)' if force else ''}: prepare_text_data never overwrites a file it was not given to own; "
+            "use another cache folder, move them, or pass the cache claimed with "
+            "torchtune_kd.output_folder.claim_output_folder"
+        )
     counter = count_tokens if count_tokens is not None else _words_estimate
 
     documents = pydoc_documents()
@@ -372,7 +398,7 @@ def prepare_text_data(
     }
     if use_gensim:
         try:
-            corpus_files = fetch_gensim_corpora(cache_dir, wheel=gensim_wheel)
+            corpus_files = fetch_gensim_corpora(cache, wheel=gensim_wheel)
         except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as err:
             sources["lee"] = {"skipped": f"{type(err).__name__}: {err}"}
         else:

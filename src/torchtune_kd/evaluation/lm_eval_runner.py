@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
+from torchtune_kd import output_folder
 from torchtune_kd.evaluation.lm_eval_tasks import DEFAULT_TASKS, OFFLINE_DATA_DIR, write_offline_task_yamls
 from torchtune_kd.evaluation.tables import ComparisonRow, build_comparison, comparison_csv, comparison_markdown
 
@@ -34,6 +35,10 @@ _WEIGHT_PATTERNS: tuple[str, ...] = ("*.safetensors", "pytorch_model*.bin")
 _TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The owner (output_folder's marker) of a folder evaluate_models claims itself (a caller may pass its own), and the
+# entries it writes there besides one folder per model.
+OWNER = "torchtune_kd.evaluation.lm_eval_runner"
+_OWN_ENTRIES: tuple[str, ...] = ("comparison.md", "comparison.csv", "lm_eval_tasks")
 
 
 # --------------------------------------------------------------------------------------------- model folders
@@ -318,29 +323,39 @@ def run_lm_eval(
 # --------------------------------------------------------------------------------------------- several models
 def evaluate_models(
     models: Mapping[str, Union[str, Path]],
-    output_dir: Union[str, Path],
+    output_dir: Union[str, Path, output_folder.OwnedFolder],
     *,
     tasks: Sequence[str] = DEFAULT_TASKS,
     baseline: Optional[str] = None,
     data: str = "offline",
     data_dir: Union[str, Path] = OFFLINE_DATA_DIR,
     check_weights: bool = True,
+    owner: str = OWNER,
+    option: str = "output_dir",
     **run_kwargs: Any,
 ) -> tuple[dict[str, dict[str, Any]], list[ComparisonRow]]:
     """Evaluate several model folders and write ``<output_dir>/<name>/results.json`` and the comparison files.
 
     Every folder is validated (weights included: no NaN/inf) before the first evaluation starts, so a bad folder
-    fails in seconds, not after hours of scoring the others.
+    fails in seconds, not after hours of scoring the others. The output folder follows
+    :mod:`torchtune_kd.output_folder`: checked before that (nothing is created when a model folder is refused), then
+    claimed with every entry written there (``comparison.md``, ``comparison.csv``, ``lm_eval_tasks/`` and one folder
+    per model) before lm-eval starts. A folder or file this function did not write is refused, never replaced; a
+    model's folder from an earlier evaluation here is replaced by the new one.
 
     Args:
         models (Mapping[str, str | Path]): name -> model folder, in table order.
-        output_dir (str | Path): where results and ``comparison.md`` / ``comparison.csv`` go.
+        output_dir (str | Path | OwnedFolder): where results and ``comparison.md`` / ``comparison.csv`` go: a path
+            (claimed for ``owner``, so a folder holding other files is refused) or the caller's own claimed folder.
         tasks (Sequence[str]): lm-eval task names.
         baseline (str | None): the model the deltas refer to (None: the first).
         data (str): ``offline`` (the project's stand-in files; hub access switched off) or ``online`` (the real
             datasets from the hub).
         data_dir (str | Path): the offline data folder.
         check_weights (bool): refuse folders with NaN/inf weights (:func:`check_finite_weights`). Default True.
+        owner (str): the command writing, recorded in the folder's marker when ``output_dir`` is a path (default
+            :data:`OWNER`; e.g. ``"scripts/evaluate.py"``).
+        option (str): how the user named ``output_dir`` (e.g. ``"--output-dir"``), quoted in a refusal.
         **run_kwargs: passed to :func:`run_lm_eval` (``limit``, ``num_fewshot``, ``batch_size``, ``device``,
             ``dtype``, ``seed``, ``tokenizer``, ``log_samples``). With ``log_samples=True`` lm-eval's per-document
             records go to ``<output_dir>/<name>/samples_<task>.jsonl``.
@@ -350,6 +365,7 @@ def evaluate_models(
 
     Raises:
         ValueError: a bad argument or model folder.
+        output_folder.OutputFolderError: the output folder, or an entry in it, is not this evaluation's to write.
     """
     if data not in ("offline", "online"):
         raise ValueError(f"data={data!r} must be 'offline' (local stand-in files) or 'online' (the real datasets).")
@@ -357,15 +373,30 @@ def evaluate_models(
         raise ValueError("models is empty: pass at least one NAME=DIR.")
     if baseline is not None and baseline not in models:
         raise ValueError(f"baseline={baseline!r} is not one of the models {list(models)}.")
+    clashing = [name for name in models if name in _OWN_ENTRIES]
+    if clashing:
+        raise ValueError(f"model name {clashing[0]!r} is the name of a file the comparison writes: choose another name.")
+    # Checked before the model folders are validated (every weight is read), claimed after (a refused model leaves
+    # no folder behind) and before lm-eval runs.
+    out = output_dir if isinstance(output_dir, output_folder.OwnedFolder) else None
+    if out is None:
+        problems = output_folder.check(output_dir, owner=owner, option=option)
+        if problems:
+            raise output_folder.OutputFolderError(problems[0])
     require_tokenizer = run_kwargs.get("tokenizer") is None
     folders = {
         name: validate_model_dir(path, require_tokenizer=require_tokenizer, check_weights=check_weights)
         for name, path in models.items()
     }
-    output_dir = Path(output_dir)
+    if out is None:
+        out = output_folder.claim_output_folder(output_dir, owner=owner, option=option)
+    out.claim("comparison.md", "comparison.csv", *(["lm_eval_tasks"] if data == "offline" else []), *models)
+    output_dir = out.path
     include_path = None
     if data == "offline":
         set_offline_env()
+        # Fresh each time: YAMLs of tasks an earlier evaluation here asked for would otherwise stay beside them.
+        out.remove("lm_eval_tasks")
         include_path = output_dir / "lm_eval_tasks"
         write_offline_task_yamls(include_path, tasks, data_dir)
     else:
@@ -389,7 +420,9 @@ def evaluate_models(
             "data_dir": str(Path(data_dir).resolve()) if data == "offline" else None,
             "tasks": list(tasks),
         }
-        (output_dir / name).mkdir(parents=True, exist_ok=True)
+        # An earlier evaluation's folder of this name (its samples files included) is replaced as a whole.
+        out.remove(name)
+        (output_dir / name).mkdir(parents=True)
         # Per-document records go to their own files: results.json stays the small aggregate lm-eval's CLI writes.
         for task, records in (results.pop("samples", None) or {}).items():
             with open(output_dir / name / f"samples_{task}.jsonl", "w", encoding="utf-8") as handle:

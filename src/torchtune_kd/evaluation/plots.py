@@ -11,21 +11,28 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from torchtune_kd import output_file
+
 PLOT_METRICS: tuple[str, ...] = ("loss", "ce_loss", "kd_loss", "ir_loss", "weight/*", "grad_norm")
 _LINESTYLES: tuple[str, ...] = ("-", "--", ":", "-.")
 
 
-def _save(fig: Any, out: Union[str, Path], title: Optional[str]) -> None:
-    """Title, lay out, write the PNG (creating its folder) and free the figure."""
+def _save(fig: Any, out: Union[str, Path], title: Optional[str], overwrite: bool) -> None:
+    """Title, lay out, write the image (creating its folder; an existing file only with ``overwrite``) and free
+    the figure."""
     import matplotlib.pyplot as plt
 
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        out = Path(out)
+        # Staged beside ``out`` and moved into place: never half a PNG under the user's name, never a file replaced
+        # unasked. The format follows out's suffix (the staging name has its own).
+        with output_file.staged(out, option="out", overwrite=overwrite, overwrite_hint="overwrite=True") as tmp:
+            fig.savefig(tmp, dpi=110, format=out.suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)
 
 
 def select_plot_panels(
@@ -51,6 +58,7 @@ def plot_runs(
     out: Union[str, Path],
     metrics: Sequence[str] = PLOT_METRICS,
     title: Optional[str] = None,
+    overwrite: bool = False,
 ) -> list[str]:
     """Draw each selected metric against the step in its own subplot, one line per run; save a PNG.
 
@@ -63,12 +71,15 @@ def plot_runs(
         out (str | Path): the PNG path (parent folders are created).
         metrics (Sequence[str]): metric names or ``prefix/*`` patterns (see :func:`select_plot_panels`).
         title (str | None): figure title.
+        overwrite (bool): replace ``out`` if it exists (default: refuse; a caller replacing its own earlier plot, or
+            a user asking for it, passes True).
 
     Returns:
         list[str]: the metric names drawn, panel by panel.
 
     Raises:
         ValueError: no runs, or none of the metrics is present in any run.
+        output_file.OutputFileError: ``out`` exists (without ``overwrite``) or is a folder.
     """
     import matplotlib
 
@@ -106,7 +117,7 @@ def plot_runs(
             ax.legend(fontsize="small")
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    _save(fig, out, title)
+    _save(fig, out, title, overwrite)
     return [name for _, names in panels for name in names]
 
 
@@ -116,6 +127,7 @@ def plot_metrics_by_step(
     metrics: Sequence[tuple[str, str]],
     references: Optional[Mapping[str, Mapping[str, float]]] = None,
     title: Optional[str] = None,
+    overwrite: bool = False,
 ) -> None:
     """Draw evaluation metrics of saved checkpoints against the training step, one subplot per metric; save a PNG.
 
@@ -127,9 +139,11 @@ def plot_metrics_by_step(
         references (Mapping | None): label -> ``{metric: value}`` drawn as horizontal dashed lines (e.g. the
             teacher).
         title (str | None): figure title.
+        overwrite (bool): replace ``out`` if it exists (default: refuse).
 
     Raises:
         ValueError: no curves, no metrics, or a point lacks one of the metrics.
+        output_file.OutputFileError: ``out`` exists (without ``overwrite``) or is a folder.
     """
     import matplotlib
 
@@ -159,4 +173,4 @@ def plot_metrics_by_step(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    _save(fig, out, title)
+    _save(fig, out, title, overwrite)

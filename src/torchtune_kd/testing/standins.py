@@ -14,6 +14,7 @@ seconds::
     OUT/data/alpaca_eval.json            held-out alpaca records (other passages)
     OUT/data/heldout.txt                 held-out plain text, blank-line separated (perplexity)
     OUT/manifest.json                    everything below
+    OUT/.torchtune_kd_outputs.json       the output-folder marker: the entries above are build_all's own
 
 Manifest keys (stable; other tests depend on them). Paths are **absolute ``str``** (JSON has no ``Path``); wrap
 them in ``pathlib.Path`` where needed:
@@ -53,11 +54,14 @@ from typing import Any, Optional
 
 import torch
 
+from torchtune_kd import output_folder
+
 __all__ = [
     "BPE_VOCAB_SIZE",
     "DATA_SIZES",
     "FORMAT_VERSION",
     "MODEL_COMMON",
+    "OWNER",
     "SEEDS",
     "STUDENT_SHAPE",
     "write_random_checkpoint",
@@ -80,6 +84,11 @@ __all__ = [
 
 FORMAT_VERSION = 1
 BPE_VOCAB_SIZE = 1024
+# The owner (output_folder's marker) of a folder build_all claims, whichever command asked for it: one stand-ins
+# folder serves every script (scripts/build_tiny_assets.py OUT, then scripts/experiment.py --assets OUT).
+OWNER = "torchtune_kd.testing.standins"
+# The top-level entries build_all writes.
+_ENTRIES = ("manifest.json", "tokenizer", "data", "teacher", "student")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -764,27 +773,45 @@ def write_random_checkpoint(cfg_model: Any, out_dir: Path, *, dtype: torch.dtype
 
 
 # ------------------------------------------------------------------------------------------------------ build all
-def build_all(out_dir: Path, *, teacher_pretrain_steps: int = 0, force: bool = False) -> dict[str, Any]:
+def build_all(
+    out_dir: Path,
+    *,
+    teacher_pretrain_steps: int = 0,
+    force: bool = False,
+    folder: Optional[output_folder.OwnedFolder] = None,
+    option: str = "out_dir",
+) -> dict[str, Any]:
     """Build (or reuse) the tokenizer, teacher, student and data into ``out_dir`` and return the manifest.
 
-    Idempotent: when ``out_dir/manifest.json`` exists with the same build parameters and its files are present,
-    nothing is rewritten. The manifest is removed before and written after a (re)build, so an interrupted build
-    never looks complete.
+    Idempotent: when ``out_dir`` holds a build of this function (its marker lists it) with the same build parameters
+    and its files are present, it is reused and nothing is written. Otherwise ``out_dir`` is claimed through
+    :mod:`torchtune_kd.output_folder` before anything is built (owner :data:`OWNER`; a folder holding anything else is
+    refused), the entries of an earlier build there are removed and the manifest is written last, so an interrupted
+    build never looks complete. A file of another name in the folder is never touched.
 
     Args:
         out_dir (Path): destination folder (created).
         teacher_pretrain_steps (int): CE steps pre-training the teacher on the training records (0: random teacher,
             fast, for tests; ~200 gives a demo teacher with real signal).
         force (bool): rebuild even when up to date.
+        folder (Optional[OwnedFolder]): the caller's own claimed folder to build into (its path must be ``out_dir``):
+            for a command that keeps the stand-ins beside its other outputs. The entries ``tokenizer``, ``data``,
+            ``teacher``, ``student`` and ``manifest.json`` are claimed in it. Default: ``out_dir`` is claimed as a
+            stand-ins folder.
+        option (str): how the caller's user named ``out_dir`` (e.g. ``"--assets"``), quoted in a refusal.
 
     Returns:
         dict: the manifest (keys in the module docstring; paths are absolute ``str``).
 
     Raises:
-        ValueError: if ``teacher_pretrain_steps`` is negative or not an int.
+        ValueError: if ``teacher_pretrain_steps`` is negative or not an int, or ``folder`` is another folder.
+        output_folder.OutputFolderError: ``out_dir`` holds files this function did not write (or another command's
+            outputs), or an entry it writes exists in ``folder`` and is not the caller's.
     """
     _check_int("teacher_pretrain_steps", teacher_pretrain_steps, 0)
     out_dir = Path(out_dir).resolve()
+    if folder is not None and Path(folder.path).resolve() != out_dir:
+        raise ValueError(f"folder={str(folder.path)!r} is not out_dir={str(out_dir)!r}: pass the folder claimed for out_dir")
     source_sha = hashlib.sha256(pydoc_text().encode("utf-8")).hexdigest()
     params = {
         "format_version": FORMAT_VERSION,
@@ -798,18 +825,28 @@ def build_all(out_dir: Path, *, teacher_pretrain_steps: int = 0, force: bool = F
         "source_text_sha256": source_sha,
     }
     manifest_path = out_dir / "manifest.json"
-    if not force:
-        previous = load_manifest(out_dir)
+    # Only a build this module recorded in the folder's marker is reused: a manifest.json is never taken for one by
+    # its name alone.
+    ours = folder.owns("manifest.json") if folder is not None else output_folder.inspect(out_dir).owner == OWNER
+    if not force and ours:
+        try:
+            previous = load_manifest(out_dir)
+        except (OSError, ValueError):  # unreadable (e.g. a write cut short): rebuilt below
+            previous = None
         # A moved or copied folder is rebuilt in place: its manifest's absolute paths point elsewhere.
         if (
-            previous is not None
+            isinstance(previous, dict)
             and previous.get("params") == params
             and previous.get("root") == str(out_dir)
             and _files_present(previous)
         ):
             return previous
-    manifest_path.unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Claimed before anything is built: a folder holding a user's files is refused, not written into.
+    if folder is None:
+        folder = output_folder.claim_output_folder(out_dir, owner=OWNER, option=option)
+    folder.claim(*_ENTRIES)
+    for name in _ENTRIES:  # the manifest first: a half-removed build never looks complete
+        folder.remove(name)
 
     tokens = build_tokenizer(out_dir / "tokenizer", BPE_VOCAB_SIZE)
     data = build_alpaca_data(out_dir / "data", tokenizer_dir=out_dir / "tokenizer", seed=SEEDS["data"], **DATA_SIZES)
