@@ -193,17 +193,18 @@ class OwnedFolder:
         return self.claim(name)[0]
 
     def remove(self, name: str) -> bool:
-        """Delete an entry this command wrote (and its temporaries); never anything else. Returns whether it existed."""
+        """Delete an entry this command wrote; never anything else. Returns whether it existed.
+
+        Its temporaries stay: a replacement being staged beside it (``.<name>.staging``) is about to take its place.
+        """
         if name not in self._written:
             raise OutputFolderError(f"{str(self.path / name)!r} was not written by {self.owner}: it is never deleted")
-        existed = _delete(self.path / name)
-        for suffix in TEMPORARY_SUFFIXES:
-            _delete(self.path / f".{name}{suffix}")
-        return existed
+        return _delete(self.path / name)
 
     def remove_all(self, keep: Iterable[str] = ()) -> list[Path]:
         """Delete every entry this command wrote here (but ``keep``), e.g. before a rerun that starts afresh."""
         kept = set(keep)
+        self.remove_temporaries()
         removed = []
         for name in list(self._written):
             if name in kept:

@@ -148,3 +148,23 @@ def test_claim_or_exit_ends_with_the_message(tmp_path):
     (tmp_path / "mine.txt").write_text("user")
     with pytest.raises(SystemExit, match=r"^error: --out=.*mine\.txt"):
         output_folder.claim_or_exit(tmp_path, owner=OWNER, option="--out")
+
+
+def test_removing_an_entry_keeps_the_replacement_staged_beside_it(tmp_path):
+    # Replace-by-rename: the new version is staged as a temporary of the entry, the old one removed, then renamed.
+    folder = claim(tmp_path)
+    folder.path_of("teacher").mkdir()
+    staged = tmp_path / ".teacher.staging"
+    staged.mkdir()
+    (staged / "model.safetensors").write_bytes(b"new")
+    assert folder.remove("teacher")
+    assert (staged / "model.safetensors").read_bytes() == b"new"
+
+
+def test_remove_all_also_clears_the_temporaries_of_owned_entries(tmp_path):
+    folder = claim(tmp_path)
+    folder.path_of("run").mkdir()
+    (tmp_path / ".run.staging").mkdir()
+    (tmp_path / ".other.staging").mkdir()  # no owned entry of that name: not ours
+    folder.remove_all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.staging", MARKER]

@@ -278,7 +278,16 @@ def test_text_data_rejects_bad_settings(tmp_path, kwargs, match):
 def teacher_dir(tmp_path_factory):
     # KD_SMOLLM2_TEST_CACHE=<dir> reuses a conversion across sessions (the conversion is idempotent).
     cache = os.environ.get("KD_SMOLLM2_TEST_CACHE")
-    return smollm2.convert_smollm2(Path(cache) if cache else tmp_path_factory.mktemp("smollm2"))
+    if cache:
+        return smollm2.convert_smollm2(Path(cache))
+    # Into a claimed folder, as the demo and prepare_smollm2.py convert (the staged folder is renamed into place).
+    from torchtune_kd import output_folder
+
+    folder = output_folder.claim_output_folder(tmp_path_factory.mktemp("smollm2"), owner="tests", option="cache")
+    teacher = smollm2.convert_smollm2(folder)
+    assert folder.written == ["teacher"] and sorted(p.name for p in folder.path.iterdir()) == [
+        output_folder.MARKER, "teacher"]
+    return teacher
 
 
 @pytest.fixture(scope="session")
