@@ -79,7 +79,8 @@ def test_overwrite_removes_only_entries_the_recipe_wrote(tmp_path):
     folder, removed = checkpointing.claim_output_dir(out, resume=False, overwrite=True)
     assert sorted(p.name for p in removed) == ["epoch_0", "logs", "training_state"]
     assert sorted(p.name for p in out.iterdir()) == [".notes.tmp", MARKER, "epoch_7", "notes.txt"]
-    assert folder.written == []
+    # Only what the new run is about to write is listed: torchtune's copy of its config, claimed before the logger.
+    assert folder.written == [checkpointing.CONFIG_COPY]
 
 
 def test_a_new_run_refuses_an_earlier_runs_outputs_but_not_its_logs(tmp_path):
@@ -112,13 +113,24 @@ def test_another_commands_folder_is_refused(tmp_path):
 def test_the_logger_folder_inside_output_dir_is_the_runs(tmp_path):
     out = tmp_path / "out"
     assert checkpointing.side_entries(out, [out / "logs", out / "prof" / "deep", tmp_path / "elsewhere", out]) == [
-        "logs", "prof"]
+        "torchtune_config.yaml", "logs", "prof"]
     out.mkdir()
     (out / "logs").mkdir()  # a user's logs folder where the metric logger would write
     (problem,) = check(out, overwrite=True, side=[out / "logs"])
     assert "holds logs, which this run writes" in problem
     folder, _ = checkpointing.claim_output_dir(tmp_path / "new", resume=False, overwrite=False, side=[tmp_path / "new" / "logs"])
     assert folder.owns("logs")
+
+
+def test_a_users_file_named_like_torchtunes_config_copy_is_never_replaced(tmp_path):
+    # torchtune's metric loggers save the run's config as output_dir/torchtune_config.yaml.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "torchtune_config.yaml").write_text("my own config")
+    (problem,) = check(out, overwrite=True)
+    assert "holds torchtune_config.yaml, which this run writes" in problem
+    folder, _ = checkpointing.claim_output_dir(tmp_path / "new", resume=False, overwrite=False)
+    assert folder.owns("torchtune_config.yaml")
 
 
 def test_an_input_inside_a_written_path_is_refused(tmp_path):

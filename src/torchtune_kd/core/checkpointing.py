@@ -53,6 +53,8 @@ STATE_FILE = "recipe_state.pt"
 LEGACY_STATE = Path(TRAINING_STATE_DIR) / STATE_FILE
 STATE_FORMAT = 2
 RUN_OUTPUTS = ("adapters", "projections", TRAINING_STATE_DIR)
+# Written into output_dir by torchtune.training.metric_logging.save_config (every logger's log_config).
+CONFIG_COPY = "torchtune_config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Names of this module's own temporaries (see atomic_torch_save, replace_dir, stage_dir).
 _LEFTOVER = re.compile(r"^\.(.+\.(old|tmp)|.+\.staging|staging_.+)$")
@@ -158,10 +160,12 @@ def side_dirs(cfg: Mapping[str, Any]) -> list[str]:
 
 
 def side_entries(output_dir: Path, folders: Iterable[Any]) -> list[str]:
-    """The top-level entries of ``output_dir`` that hold ``folders`` (``logs`` for ``output_dir/logs``); folders
-    elsewhere (or ``output_dir`` itself) have none."""
+    """The top-level entries of ``output_dir`` that a run's components write besides the checkpoints: always
+    torchtune's copy of the config (its metric loggers' ``log_config`` saves ``output_dir/torchtune_config.yaml``),
+    and those that hold ``folders`` (``logs`` for ``output_dir/logs``); folders elsewhere (or ``output_dir`` itself)
+    have none."""
     outer = Path(output_dir).expanduser().absolute()
-    entries = []
+    entries = [CONFIG_COPY]
     for folder in folders:
         try:
             relative = Path(str(folder)).expanduser().absolute().relative_to(outer)
