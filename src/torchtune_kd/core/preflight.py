@@ -1135,9 +1135,10 @@ def _check_teacher_cache_section(
     if writing:
         from torchtune_kd import output_folder
 
+        cache = teacher_cache.settings(section)
         problems.extend(output_folder.check(
-            teacher_cache.settings(section).path, owner=teacher_cache.OWNER, option="teacher_cache.path",
-            overwrite=teacher_cache.settings(section).overwrite, overwrite_hint="teacher_cache.overwrite=true",
+            cache.path, owner=teacher_cache.OWNER, option="teacher_cache.path", overwrite=cache.overwrite,
+            overwrite_hint="teacher_cache.overwrite=true",
         ))
     if facts is not None and facts.layer_pairs:
         message = (
