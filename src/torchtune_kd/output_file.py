@@ -17,11 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+from torchtune_kd.errors import OutputFileError  # noqa: F401  (raised here; re-exported for callers)
+
 PathLike = Union[str, os.PathLike]
-
-
-class OutputFileError(ValueError):
-    """An output file cannot be written without replacing a file; the message names the option, the path and the fix."""
 
 
 def check(path: PathLike, *, option: str, overwrite: bool = False, overwrite_hint: Optional[str] = "--overwrite") -> list[str]:

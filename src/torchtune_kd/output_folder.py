@@ -22,16 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from torchtune_kd.errors import OutputFolderError  # noqa: F401  (raised here; re-exported for callers)
+
 PathLike = Union[str, os.PathLike]
 MARKER = ".torchtune_kd_outputs.json"
 MARKER_FORMAT = 1
 # Temporaries derived from an owned entry's name (atomic writes stage beside the final name); being derived from a
 # claimed name is what makes them ours, never the pattern alone.
 TEMPORARY_SUFFIXES = (".tmp", ".old", ".staging")
-
-
-class OutputFolderError(ValueError):
-    """A folder cannot be written without risking a user's files; the message names the folder and the fix."""
 
 
 @dataclass

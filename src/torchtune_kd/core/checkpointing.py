@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 
 from torchtune_kd import output_folder
+from torchtune_kd.errors import CheckpointError  # noqa: F401  (raised here; re-exported for callers)
 
 # The owner recorded in the marker: both recipes share it (a run resumes in either).
 OWNER = "torchtune-kd recipe"
@@ -58,10 +59,6 @@ CONFIG_COPY = "torchtune_config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Names of this module's own temporaries (see atomic_torch_save, replace_dir, stage_dir).
 _LEFTOVER = re.compile(r"^\.(.+\.(old|tmp)|.+\.staging|staging_.+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or written safely; the message names the file and the fix."""
 
 
 # --------------------------------------------------------------------------------------------- atomic writing

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from torchtune_kd.core import alignment, checkpointing, loss_weighting, teacher_cache
+from torchtune_kd.errors import ConfigError  # noqa: F401  (raised here; re-exported for callers)
 
 KNOWN_TOP_LEVEL_KEYS = frozenset(
     {
@@ -98,16 +99,6 @@ DATA_KEYS = ("tokenizer", "dataset")
 
 # Optional sections a null ``_component_`` switches off (see disable_null_components).
 OPTIONAL_COMPONENTS = ("lr_scheduler", "ir_loss", "profiler")
-
-
-class ConfigError(ValueError):
-    """All problems found in a config, one per line."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        super().__init__(
-            f"{len(self.problems)} problem(s) in the config:\n  - " + "\n  - ".join(self.problems)
-        )
 
 
 @dataclass

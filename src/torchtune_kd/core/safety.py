@@ -19,6 +19,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from torchtune import utils
 
+from torchtune_kd.errors import TrainingDivergedError  # noqa: F401  (raised here; re-exported for callers)
+
 log = utils.get_logger("INFO")
 
 # The components whose non-finite value means the step must not be applied.
@@ -26,10 +28,6 @@ CHECKED = ("loss", "ce", "kd", "ir", "grad_norm")
 # Exit status after a signal-triggered checkpoint: the shell's convention (128 + signal number), so schedulers and
 # scripts see that the run stopped early although nothing was lost.
 SIGNAL_EXIT_BASE = 128
-
-
-class TrainingDivergedError(RuntimeError):
-    """A loss component or the gradient norm became NaN/inf; no weights of that step were applied or saved."""
 
 
 class NonFiniteGuard:

@@ -50,6 +50,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 
 import kd_losses
+from torchtune_kd.errors import CacheError  # noqa: F401  (raised here; re-exported for callers)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -74,10 +75,6 @@ FINGERPRINT_ITEMS = 64
 # Rows per output-projection chunk in the pre-pass (one fp32 chunk of logits at a time).
 CHUNK_ROWS = 1024
 _HASH_CHUNK = 1 << 20
-
-
-class CacheError(ValueError):
-    """A teacher cache that cannot be used or written; the message names the key, the value and the fix."""
 
 
 @dataclass(frozen=True)
