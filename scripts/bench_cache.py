@@ -94,9 +94,9 @@ def parameter_count(cfg_model: Any) -> int:
     import torch
     from torchtune import config
 
-    from torchtune_kd.core import preflight
+    from torchtune_kd.core import models
 
-    plain, _ = preflight.model_config_without_flag(cfg_model)
+    plain, _ = models.model_config_without_flag(cfg_model)
     with torch.device("meta"):
         model = config.instantiate(plain)
     return sum(p.numel() for p in model.parameters())

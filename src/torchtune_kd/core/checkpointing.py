@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from torchtune_kd import output_folder
 from torchtune_kd.errors import CheckpointError  # noqa: F401  (raised here; re-exported for callers)
@@ -433,6 +434,24 @@ def load_training_state(path: Path, required_keys: Iterable[str] = ()) -> dict[s
 
 
 # ------------------------------------------------------------------------------------------------- weights
+
+
+def checkpoint_file_names(key: str, files: Any, problems: list[str]) -> list[str]:
+    """The checkpoint file names of ``<key>.checkpoint_files``, torchtune's ``{filename_format, max_filename}`` form
+    expanded; a malformed mapping is appended to ``problems`` (naming the key) and gives no names."""
+    if isinstance(files, DictConfig):
+        from torchtune.training.checkpointing._utils import FormattedCheckpointFiles
+
+        plain = OmegaConf.to_container(files, resolve=True)
+        try:
+            return list(FormattedCheckpointFiles.from_dict(plain).build_checkpoint_filenames())
+        except (KeyError, TypeError, ValueError) as err:  # torchtune's own message says which field is wrong
+            problems.append(
+                f"{key}.checkpoint_files={plain!r} is not a valid {{filename_format, max_filename}} mapping: "
+                f"{str(err)[:200]}"
+            )
+            return []
+    return [str(name) for name in (files or [])]
 
 
 def cpu_copy(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,16 +13,29 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchtune import config, modules, training, utils
 from torchtune.modules.peft import get_adapter_params, set_trainable_params, validate_missing_and_unexpected_for_lora
 
 from torchtune_kd.core import distributed, seeded_init
 from torchtune_kd.core.checkpointing import LoraSpec
-from torchtune_kd.core.preflight import model_config_without_flag
 
 log = utils.get_logger("INFO")
+
+
+# Our per-model flag asking for the hidden states of every layer (alignment); torchtune's builders do not know it.
+HIDDEN_STATES_FLAG = "output_hidden_states"
+
+
+def model_config_without_flag(cfg_model: DictConfig) -> tuple[DictConfig, bool]:
+    """Split our per-model ``output_hidden_states: true`` flag from the builder's kwargs.
+
+    torchtune's builders do not know the flag (they would reject it), so the recipe consumes it here.
+    """
+    plain = OmegaConf.masked_copy(cfg_model, [k for k in cfg_model.keys() if k != HIDDEN_STATES_FLAG])
+    flag = cfg_model.get(HIDDEN_STATES_FLAG, False)
+    return plain, flag
 
 
 def _instantiate(cfg_model: DictConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from torchtune_kd.core import alignment, checkpointing, loss_weighting, teacher_cache
+from torchtune_kd.core.models import HIDDEN_STATES_FLAG, model_config_without_flag
 from torchtune_kd.errors import ConfigError  # noqa: F401  (raised here; re-exported for callers)
 
 KNOWN_TOP_LEVEL_KEYS = frozenset(
@@ -59,7 +60,6 @@ REQUIRED_KEYS = (
 LOSS_SCALING_KEYS = frozenset({"enabled", "method", "manual_scales", "dynamic"})
 CHUNKED_CE = "torchtune.modules.loss.CEWithChunkedOutputLoss"
 CE_LOSSES = (CHUNKED_CE, "torch.nn.CrossEntropyLoss")
-HIDDEN_STATES_FLAG = "output_hidden_states"
 # The recipe runs this one and reads its (profiler, config) return value; other profilers return something else.
 PROFILER_COMPONENT = "torchtune.training.setup_torch_profiler"
 # Arguments the recipe passes itself when it builds the component; the config must not set them.
@@ -134,16 +134,6 @@ class ModelFacts:
     tokenizer: Any = field(default=None, repr=False, compare=False)
     dataset: Any = field(default=None, repr=False, compare=False)
     num_samples: Optional[int] = None
-
-
-def model_config_without_flag(cfg_model: DictConfig) -> tuple[DictConfig, bool]:
-    """Split our per-model ``output_hidden_states: true`` flag from the builder's kwargs.
-
-    torchtune's builders do not know the flag (they would reject it), so the recipe consumes it here.
-    """
-    plain = OmegaConf.masked_copy(cfg_model, [k for k in cfg_model.keys() if k != HIDDEN_STATES_FLAG])
-    flag = cfg_model.get(HIDDEN_STATES_FLAG, False)
-    return plain, flag
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -520,22 +510,6 @@ def _is_local(value: str) -> bool:
     return "://" not in value and not any(ch in value for ch in "*?[")
 
 
-def _checkpoint_names(key: str, files: Any, problems: list[str]) -> list[str]:
-    """The checkpoint file names, with torchtune's ``{filename_format, max_filename}`` form expanded."""
-    if isinstance(files, DictConfig):
-        from torchtune.training.checkpointing._utils import FormattedCheckpointFiles
-
-        try:
-            return list(FormattedCheckpointFiles.from_dict(OmegaConf.to_container(files, resolve=True)).build_checkpoint_filenames())
-        except Exception as err:  # torchtune's own message says which field is wrong
-            problems.append(
-                f"{key}.checkpoint_files={_show(files)} is not a valid {{filename_format, max_filename}} mapping: "
-                f"{_short(err)}"
-            )
-            return []
-    return [str(name) for name in (files or [])]
-
-
 def _safetensors_problem(path: Path) -> Optional[str]:
     """Why ``path`` is not a complete safetensors file, from its header alone (no weights are read).
 
@@ -585,7 +559,7 @@ def _check_paths(cfg: DictConfig, problems: list[str], *, teacher_optional: bool
             continue
         if _component(ckpt) and _component(ckpt).endswith("FullModelHFCheckpointer") and not (directory / "config.json").is_file():
             problems.append(f"{key}.checkpoint_dir={str(directory)!r} has no config.json: not a Hugging Face model folder")
-        for name in _checkpoint_names(key, ckpt.get("checkpoint_files", []), problems):
+        for name in checkpointing.checkpoint_file_names(key, ckpt.get("checkpoint_files", []), problems):
             path = directory / name
             if not path.is_file():
                 if not (key == "teacher_checkpointer" and teacher_optional):

@@ -196,11 +196,11 @@ def _plain(section: Any) -> Any:
 
 def teacher_files(cfg: Mapping[str, Any]) -> list[Path]:
     """The teacher's weight files named by ``teacher_checkpointer`` (``checkpoint_dir`` / ``checkpoint_files``)."""
-    from torchtune_kd.core.preflight import _checkpoint_names
+    from torchtune_kd.core.checkpointing import checkpoint_file_names
 
     ckpt = cfg["teacher_checkpointer"]
     directory = Path(str(ckpt.get("checkpoint_dir", "")))
-    return [directory / name for name in _checkpoint_names("teacher_checkpointer", ckpt.get("checkpoint_files", []), [])]
+    return [directory / name for name in checkpoint_file_names("teacher_checkpointer", ckpt.get("checkpoint_files", []), [])]
 
 
 def item_hash(tokens: torch.Tensor, labels: torch.Tensor) -> int:

@@ -735,11 +735,11 @@ def write_random_checkpoint(cfg_model: Any, out_dir: Path, *, dtype: torch.dtype
     from torchtune.models import convert_weights
     from torchtune.modules.peft import get_adapter_state_dict
 
-    from torchtune_kd.core import preflight
+    from torchtune_kd.core import models
 
     if (out_dir / "config.json").is_file():
         return
-    cfg_plain, _ = preflight.model_config_without_flag(cfg_model)
+    cfg_plain, _ = models.model_config_without_flag(cfg_model)
     with training.set_default_dtype(dtype), torch.device("meta"):
         model = config.instantiate(cfg_plain)
     model.to_empty(device="cpu")
