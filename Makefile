@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup test demo demo-tiny bench experiment clean
+.PHONY: setup test demo demo-tiny bench clean
 
 setup: $(STAMP)
 

@@ -23,10 +23,8 @@ parallelism changes:
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
@@ -35,23 +33,11 @@ from torch.distributed import destroy_process_group, init_process_group
 from torchtune import config, training, utils
 from torchtune.modules.peft import get_adapter_state_dict
 
+# `recipes` is the checkout's folder (the install hook torchtune_kd.recipes_path puts the checkout first on sys.path),
+# also when torchrun runs this file as a script.
+from recipes.knowledge_distillation_single_device import KDRecipeSingleDevice
 from torchtune_kd.core import checkpointing, distributed, models, preflight, safety, teacher_cache
 
-
-def _single_device_recipe_module():
-    """The sibling single-device recipe, whichever way this file was started (``tune run`` runs it as a script)."""
-    path = Path(__file__).with_name("knowledge_distillation_single_device.py")
-    name = "recipes.knowledge_distillation_single_device"
-    module = sys.modules.get(name)
-    if module is not None and Path(getattr(module, "__file__", "")).resolve() == path.resolve():
-        return module
-    spec = importlib.util.spec_from_file_location("kd_recipe_single_device_base", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-KDRecipeSingleDevice = _single_device_recipe_module().KDRecipeSingleDevice
 log = utils.get_logger("INFO")
 
 
@@ -134,11 +120,10 @@ class KDRecipeDistributed(KDRecipeSingleDevice):
     def _load_projection_state(self, state: Dict[str, torch.Tensor]) -> None:
         distributed.copy_full_state_dict(self._aligner.projections, state)
 
-    def _output_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole output weights for the fused pass: a sharded one is all-gathered; the student's gradient then comes
+    def _output_weight(self, model: torch.nn.Module) -> torch.Tensor:
+        """A whole output weight for the fused pass: a sharded one is all-gathered; the student's gradient then comes
         back averaged over ranks, as FSDP averages every other gradient."""
-        student, teacher = super()._output_weights()
-        return distributed.gathered_for_compute(student), teacher if teacher is None else distributed.gathered_for_compute(teacher)
+        return distributed.gathered_for_compute(super()._output_weight(model))
 
     def _rng_state(self) -> Dict[str, Any]:
         own = super()._rng_state()
@@ -147,10 +132,10 @@ class KDRecipeDistributed(KDRecipeSingleDevice):
         # Rank 0's under the single-device keys (so the other recipe can resume), each rank's under per_rank.
         return {**own, "per_rank": every}
 
-    def _restore_rng_state(self, state: Dict[str, Any]) -> None:
-        per_rank = state["rng"].get("per_rank")
+    def _restore_rng_state(self, rng: Dict[str, Any]) -> None:
+        per_rank = rng.get("per_rank")
         if per_rank is not None and len(per_rank) == self.world_size:
-            super()._restore_rng_state({"rng": per_rank[self.rank]})
+            super()._restore_rng_state(per_rank[self.rank])
         elif self._is_rank_zero:
             log.warning(
                 f"The training state was saved by {len(per_rank) if per_rank else 1} process(es), this run has "
@@ -159,33 +144,16 @@ class KDRecipeDistributed(KDRecipeSingleDevice):
 
     # ------------------------------------------------------------------ set-up
 
-    def _setup_model(
-        self,
-        cfg_model: DictConfig,
-        enable_activation_checkpointing: bool,
-        compile_model: bool,
-        base_model_state_dict: Dict[str, Any],
-        trainable_state_dict: Optional[Dict[str, Any]] = None,
-    ) -> torch.nn.Module:
-        model, self._lora = models.build_student_sharded(
-            cfg_model, device=self._device, dtype=self._dtype,
-            base_state_dict=base_model_state_dict, trainable_state_dict=trainable_state_dict,
-            compile_model=compile_model, activation_checkpointing=enable_activation_checkpointing,
-            init_seed=self.seed, custom_sharded_layers=self._custom_sharded_layers,
-            cpu_offload=self._fsdp_cpu_offload, reshard_after_forward=self._reshard_after_forward,
-        )
-        self._is_lora = self._lora is not None
-        self._log_memory("After student init:")
-        return model
+    # Student and teacher are built on the meta device, sharded with FSDP2, then loaded (the set-up is inherited).
+    _build_student = staticmethod(models.build_student_sharded)
+    _build_teacher = staticmethod(models.build_teacher_sharded)
 
-    def _setup_teacher_model(self, model_cfg: DictConfig, model_state_dict: Dict[str, Any]) -> torch.nn.Module:
-        model = models.build_teacher_sharded(
-            model_cfg, device=self._device, dtype=self._dtype, state_dict=model_state_dict,
-            custom_sharded_layers=self._custom_sharded_layers, cpu_offload=self._fsdp_cpu_offload,
-            reshard_after_forward=self._reshard_after_forward,
-        )
-        self._log_memory("After teacher init:")
-        return model
+    def _builder_options(self) -> Dict[str, Any]:
+        return {
+            "custom_sharded_layers": self._custom_sharded_layers,
+            "cpu_offload": self._fsdp_cpu_offload,
+            "reshard_after_forward": self._reshard_after_forward,
+        }
 
     def _setup_alignment(self, cfg: DictConfig) -> None:
         super()._setup_alignment(cfg)

@@ -21,6 +21,7 @@ import os
 import resource
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Union
 
@@ -36,7 +37,8 @@ from tqdm import tqdm
 
 from torchtune_kd import output_folder
 from torchtune_kd.core import (
-    alignment, checkpointing, data, fused_output, loss_step, loss_weighting, models, preflight, safety, teacher_cache,
+    alignment, checkpointing, data, fused_output, loss_step, loss_weighting, models, output_pass, preflight, safety,
+    teacher_cache, teacher_source, training_state,
 )
 
 log = utils.get_logger("INFO")
@@ -146,10 +148,9 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         """Data-parallel hook: load full projection weights written by either recipe."""
         self._aligner.projections.load_state_dict(state)
 
-    def _output_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Data-parallel hook: the student's and the teacher's output-projection weights for the fused pass, whole."""
-        teacher = fused_output.output_weight(self._teacher_model) if self._teacher_model is not None else None
-        return fused_output.output_weight(self._model), teacher
+    def _output_weight(self, model: nn.Module) -> torch.Tensor:
+        """Data-parallel hook: a model's output-projection weight for the fused pass, whole."""
+        return fused_output.output_weight(model)
 
     def _rng_state(self) -> Dict[str, Any]:
         """Data-parallel hook: the RNG states to save (dropout draws from them)."""
@@ -158,11 +159,11 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             "cuda": torch.cuda.get_rng_state(self._device) if self._device.type == "cuda" else None,
         }
 
-    def _restore_rng_state(self, state: Dict[str, Any]) -> None:
+    def _restore_rng_state(self, rng: Dict[str, Any]) -> None:
         """Data-parallel hook: restore the RNG states saved by :meth:`_rng_state`."""
-        torch.set_rng_state(state["rng"]["cpu"])
-        if self._device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device=self._device)
+        torch.set_rng_state(rng["cpu"])
+        if self._device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], device=self._device)
 
     # ------------------------------------------------------------------ set-up
 
@@ -172,7 +173,8 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         Raises:
             preflight.ConfigError: the output folder cannot be claimed, nothing to resume, or a changed layer mapping
                 on resume.
-            checkpointing.CheckpointError: the training state to resume cannot be loaded safely.
+            checkpointing.CheckpointError: the training state to resume cannot be loaded safely, has another format
+                or misses a field.
         """
         if self._is_rank_zero:
             # Before anything is built or written: the run's folder, by the shared rule (the pre-flight checked it).
@@ -182,20 +184,18 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             )
             for path in removed:
                 log.info(f"overwrite_output_dir=True: removed the earlier run's {path}")
-        state = None
+        state: Optional[training_state.TrainingState] = None
         if self._resume_from_checkpoint:
             state, path = checkpointing.load_latest_training_state(self._output_dir)
             self._last_checkpoint = path.parent
-            log.info(f"Resuming from {path} (epochs run: {state[training.EPOCHS_KEY]}, step {state['global_step']}).")
+            log.info(f"Resuming from {path} (epochs run: {state.epochs_run}, step {state.global_step}).")
             # The pre-flight checked these on a memory-mapped read; again here (before any model is built) for a
             # state it could not read that way.
-            problems = [problem for problem in (
-                checkpointing.loss_scaling_problem(state, path, loss_weighting.LossWeighting.from_recipe_config(cfg).method),
-                checkpointing.global_batch_problem(
-                    state, path, batch_size=self._batch_size,
-                    gradient_accumulation_steps=self._gradient_accumulation_steps, world_size=self.world_size,
-                ),
-            ) if problem]
+            problems = training_state.resume_problems(
+                state, path, scaling_method=loss_weighting.LossWeighting.from_recipe_config(cfg).method,
+                batch_size=self._batch_size, gradient_accumulation_steps=self._gradient_accumulation_steps,
+                world_size=self.world_size,
+            )
             if problems:
                 raise preflight.ConfigError(problems)
 
@@ -208,14 +208,14 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             self._metric_logger.log_config(cfg)
 
         self._compile = cfg.get("compile", False)
-        self._settings = checkpointing.resume_settings(cfg)
+        self._settings = training_state.resume_settings(cfg)
         if state is not None:
-            for warning in checkpointing.check_resumed_settings(cfg, state, self._facts.layer_pairs, self._output_dir):
+            for warning in training_state.check_resumed_settings(cfg, state, self._facts.layer_pairs, self._output_dir):
                 log.warning(warning)
-            if self.seed != state[training.SEED_KEY]:
+            if self.seed != state.seed:
                 # The data order depends on the seed, so the checkpoint's wins before the dataloader is built.
-                log.warning(f"Config seed {self.seed} differs from the checkpoint's; using {state[training.SEED_KEY]}.")
-                self.seed = state[training.SEED_KEY]
+                log.warning(f"Config seed {self.seed} differs from the checkpoint's; using {state.seed}.")
+                self.seed = state.seed
 
         self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
         student_ckpt = self._checkpointer.load_checkpoint()
@@ -224,7 +224,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             enable_activation_checkpointing=cfg.get("enable_activation_checkpointing", False),
             compile_model=self._compile,
             base_model_state_dict=student_ckpt[training.MODEL_KEY],
-            trainable_state_dict=state["trainable"] if state else None,
+            trainable_state_dict=state.trainable if state is not None else None,
         )
         del student_ckpt
         self._teacher_model = None
@@ -242,6 +242,11 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             # The teacher is never built: its top-k distributions are read per sample id (core.teacher_cache).
             self._teacher_cache = teacher_cache.TeacherCache(self._cache_settings.path, ignore_index=self._ignore_index)
             log.info(f"Teacher cache {self._cache_settings.path}: {teacher_cache.describe(self._teacher_cache.manifest)}.")
+            self._teacher_source: teacher_source.TeacherSource = teacher_source.CachedTeacher(self._teacher_cache)
+        else:
+            self._teacher_source = teacher_source.LiveTeacher(
+                self._teacher_model, output_weight=partial(self._output_weight, self._teacher_model)
+            )
         self._fused_chunk_fn = None
         if self._fused:
             # The models return their final hidden states; the loss applies the output projections chunk by chunk.
@@ -249,7 +254,13 @@ class KDRecipeSingleDevice(FTRecipeInterface):
                 model.set_num_output_chunks(0)
             if self._compile:
                 self._fused_chunk_fn = fused_output.compiled_chunk_fn(os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
+            self._output_pass: output_pass.OutputPass = output_pass.FusedPass(
+                self._losses.kd_loss, student_weight=partial(self._output_weight, self._model),
+                chunk_size=self._fused_chunk_size, chunk_fn=self._fused_chunk_fn,
+            )
             log.info(f"Fused output pass: CE and KD from hidden states, {self._fused_chunk_size} tokens per chunk.")
+        else:
+            self._output_pass = output_pass.UnfusedPass(self._losses)
         log.info(
             f"Loss is initialized ({type(self._losses.kd_loss).__name__}, output chunks: "
             f"{self._losses.num_output_chunks or 'none'})."
@@ -282,7 +293,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             last_epoch=self.global_step - 1,
         )
         if state is not None and self._lr_scheduler is not None and self._is_rank_zero:
-            change = checkpointing.lr_schedule_change(
+            change = training_state.lr_schedule_change(
                 state, schedule_steps=self._lr_schedule_steps, steps_per_epoch=self._steps_per_epoch,
                 ended_lr=ended_lr, resumed_lr=self._optimizer.param_groups[0]["lr"], output_dir=self._output_dir,
             )
@@ -293,51 +304,34 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             self._model, cfg.get("enable_activation_offloading", False)
         )
 
-    def _restore_training_state(self, state: Dict[str, Any]) -> None:
+    def _restore_training_state(self, state: training_state.TrainingState) -> None:
         """Restore counters, optimiser, projections, loss-scaling statistics, RNG and the dataloader position."""
-        self.epochs_run = state[training.EPOCHS_KEY]
-        if self.max_steps_per_epoch != state[training.MAX_STEPS_KEY]:
+        self.epochs_run = state.epochs_run
+        if self.max_steps_per_epoch != state.max_steps_per_epoch:
             log.warning("max_steps_per_epoch differs from the checkpoint's; using the checkpoint's value.")
-            self.max_steps_per_epoch = state[training.MAX_STEPS_KEY]
+            self.max_steps_per_epoch = state.max_steps_per_epoch
             if self.max_steps_per_epoch is not None:
                 self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
-        self.global_step = state["global_step"]
-        self._steps_done_in_epoch = state.get("steps_in_epoch", 0)
+        self.global_step = state.global_step
+        self._steps_done_in_epoch = state.steps_in_epoch
         self._dataloader_state = self._resume_position(state)
-        self._guard.skipped = state.get("nonfinite_steps", 0)
-        if self._aligner is not None and state.get("projections") is not None:
-            self._load_projection_state(state["projections"])
-        self._load_optimizer_state(state[training.OPT_KEY])
-        self._weighting.load_state_dict(state["loss_scaling"])
-        self._restore_rng_state(state)
+        self._guard.skipped = state.nonfinite_steps
+        if self._aligner is not None and state.projections is not None:
+            self._load_projection_state(state.projections)
+        self._load_optimizer_state(state.optimizer)
+        self._weighting.load_state_dict(state.loss_scaling)
+        self._restore_rng_state(state.rng)
 
-    def _resume_position(self, state: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        """Where in the epoch to continue: the dataloader's own state when the world size is the one that wrote
-        it; otherwise the global number of samples consumed, split over this run's ranks (the sampler deals samples
-        to ranks round-robin, so the first ``n`` samples of every rank are the first ``n * world_size`` overall).
+    def _resume_position(self, state: training_state.TrainingState) -> Optional[Dict[str, Any]]:
+        """Where in the epoch to continue (see :func:`training_state.resume_position`): ``None`` at an epoch end.
 
         Raises:
             preflight.ConfigError: a mid-epoch state from a run with another global batch size.
         """
-        if state.get("dataloader") is None:
-            return None
-        saved_batch_size = (state.get("settings") or {}).get("batch_size", self._batch_size)
-        if state.get("world_size", 1) == self.world_size and saved_batch_size == self._batch_size:
-            # The loader's state counts batches: valid only for batches of the same size.
-            return state["dataloader"]
-        seen = state.get("samples_in_epoch")
-        # The pre-flight refuses another global batch first; this guards states written without one.
-        problem = checkpointing.global_batch_problem(
-            state, self._last_checkpoint or self._output_dir, batch_size=self._batch_size,
-            gradient_accumulation_steps=self._gradient_accumulation_steps, world_size=self.world_size,
+        return training_state.resume_position(
+            state, self._last_checkpoint, world_size=self.world_size, batch_size=self._batch_size,
+            gradient_accumulation_steps=self._gradient_accumulation_steps,
         )
-        if problem or seen is None or seen % self.world_size:
-            raise preflight.ConfigError([problem or (
-                f"the training state {str(self._last_checkpoint)!r} was saved mid-epoch by a run on "
-                f"{state.get('world_size', 1)} process(es) and does not record its position in samples: resume with "
-                "its world size and batch_size, or from an epoch-end training state"
-            )])
-        return {"sampler_yielded": seen // self.world_size}
 
     def _setup_model(
         self,
@@ -348,20 +342,32 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         trainable_state_dict: Optional[Dict[str, Any]] = None,
     ) -> nn.Module:
         """Build the student (LoRA or full), load its weights and make the right parameters trainable."""
-        model, self._lora = models.build_student(
+        model, self._lora = self._build_student(
             cfg_model, device=self._device, dtype=self._dtype,
             base_state_dict=base_model_state_dict, trainable_state_dict=trainable_state_dict,
             compile_model=compile_model, activation_checkpointing=enable_activation_checkpointing,
-            init_seed=self.seed,
+            init_seed=self.seed, **self._builder_options(),
         )
         self._is_lora = self._lora is not None
         self._log_memory("After student init:")
         return model
 
     def _setup_teacher_model(self, model_cfg: DictConfig, model_state_dict: Dict[str, Any]) -> nn.Module:
-        model = models.build_teacher(model_cfg, device=self._device, dtype=self._dtype, state_dict=model_state_dict)
+        """Build the frozen teacher and load its weights."""
+        model = self._build_teacher(
+            model_cfg, device=self._device, dtype=self._dtype, state_dict=model_state_dict, **self._builder_options()
+        )
         self._log_memory("After teacher init:")
         return model
+
+    # The model builders and their extra keyword arguments: the distributed recipe swaps in the sharded builders
+    # and their FSDP options, the set-up above stays one.
+    _build_student = staticmethod(models.build_student)
+    _build_teacher = staticmethod(models.build_teacher)
+
+    def _builder_options(self) -> Dict[str, Any]:
+        """Keyword arguments passed to both model builders beyond the common ones (none on one device)."""
+        return {}
 
     def _log_memory(self, message: str) -> None:
         if self._device.type == "cuda":
@@ -428,11 +434,17 @@ class KDRecipeSingleDevice(FTRecipeInterface):
     def _loss_step(
         self, batch: Dict[str, torch.Tensor], coefficients: Optional[Dict[str, torch.Tensor]] = None
     ) -> Dict[str, torch.Tensor]:
-        """Forward both models on one micro-batch and return the loss components as token sums.
+        """Forward the student on one micro-batch, get the teacher's signal, and return the loss components as token
+        sums.
+
+        The teacher source (live model or cache, ``core.teacher_source``) and the output pass (fused or not,
+        ``core.output_pass``) are chosen once at set-up; ``output_pass.micro_batch_sums`` serves every combination,
+        and the IR loss is added from the layer captures.
 
         Args:
             batch (Dict[str, torch.Tensor]): ``tokens``, ``labels`` and ``real_tokens`` ``(bsz, seq_len)``; with
-                packing also ``mask`` ``(bsz, seq_len, seq_len)`` and ``input_pos`` ``(bsz, seq_len)``.
+                packing also ``mask`` ``(bsz, seq_len, seq_len)`` and ``input_pos`` ``(bsz, seq_len)``; with a teacher
+                cache ``sample_id`` ``(bsz,)``.
             coefficients (Optional[Dict[str, torch.Tensor]]): with ``fused_output``, the weights of CE and KD in the
                 step's objective divided by its counted tokens (``loss_step.accumulate_gradients`` passes them).
 
@@ -441,35 +453,10 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             detached diagnostics ``agree`` and ``teacher_entropy``; with ``fused_output`` also the differentiable
             ``objective`` (the weighted CE + KD, whose sums are then detached).
         """
-        tokens, mask, input_pos = batch["tokens"], batch.get("mask", None), batch.get("input_pos", None)
-        labels = loss_step.shift_labels(batch["labels"], self._ignore_index)
-        if self._teacher_cache is not None:
-            return self._cached_loss_step(batch, labels, coefficients)
-        if coefficients is not None:
-            with fused_output.hidden_states_out(self._model, self._teacher_model):
-                with self._activations_handling_ctx:
-                    hidden = self._model(tokens, mask=mask, input_pos=input_pos)
-                with torch.no_grad():
-                    teacher_hidden = self._teacher_model(tokens, mask=mask, input_pos=input_pos)
-            student_weight, teacher_weight = self._output_weights()
-            sums = fused_output.fused_output_token_sums(
-                hidden, student_weight, teacher_hidden, teacher_weight, labels, self._losses.kd_loss,
-                ce_coef=coefficients["ce"], kd_coef=coefficients["kd"], chunk_size=self._fused_chunk_size,
-                chunk_fn=self._fused_chunk_fn,
-            )
-            del hidden, teacher_hidden
-        else:
-            with self._activations_handling_ctx:
-                logits = self._model(tokens, mask=mask, input_pos=input_pos)
-            with torch.no_grad():
-                teacher_logits = self._teacher_model(tokens, mask=mask, input_pos=input_pos)
-            sums = {"ce": self._losses.ce_token_sum(logits, labels)}
-            sums["kd"], _ = self._losses.kd_token_sum(logits, teacher_logits, labels)
-            sums["agree"], sums["teacher_entropy"] = loss_step.kd_health_sums(
-                logits, teacher_logits, labels, self._ignore_index
-            )
-            del logits, teacher_logits
-
+        sums, batch = output_pass.micro_batch_sums(
+            self._model, self._teacher_source, self._output_pass, batch, self._ignore_index, coefficients,
+            activations=self._activations_handling_ctx,
+        )
         if self._aligner is not None:
             pair_sums, _ = self._aligner.token_sums(
                 self._student_capture.pop(), self._teacher_capture.pop(), batch[loss_step.REAL_TOKENS_KEY]
@@ -478,45 +465,15 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             sums.update({f"ir/{name}": value for name, value in pair_sums.items()})
         return sums
 
-    def _cached_loss_step(
-        self, batch: Dict[str, torch.Tensor], labels: torch.Tensor, coefficients: Optional[Dict[str, torch.Tensor]]
-    ) -> Dict[str, torch.Tensor]:
-        """:meth:`_loss_step` with the teacher's top-k distributions read from the cache instead of its forward.
-
-        The divergences take the cached :class:`kd_losses.TeacherTopK` in place of teacher logits (their sparse
-        form); the diagnostics use the cache's top-1 id and stored entropy.
-        """
-        tokens, mask, input_pos = batch["tokens"], batch.get("mask", None), batch.get("input_pos", None)
-        teacher, entropy = self._teacher_cache.lookup(
-            batch[data.SAMPLE_ID_KEY], labels, tokens, batch[loss_step.REAL_TOKENS_KEY], batch["labels"]
-        )
-        if coefficients is not None:
-            with fused_output.hidden_states_out(self._model):
-                with self._activations_handling_ctx:
-                    hidden = self._model(tokens, mask=mask, input_pos=input_pos)
-            student_weight, _ = self._output_weights()
-            sums = fused_output.fused_output_token_sums(
-                hidden, student_weight, teacher, None, labels, self._losses.kd_loss,
-                ce_coef=coefficients["ce"], kd_coef=coefficients["kd"], chunk_size=self._fused_chunk_size,
-                chunk_fn=self._fused_chunk_fn, teacher_entropy=entropy,
-            )
-            return sums
-        with self._activations_handling_ctx:
-            logits = self._model(tokens, mask=mask, input_pos=input_pos)
-        sums = {"ce": self._losses.ce_token_sum(logits, labels)}
-        sums["kd"], _ = self._losses.kd_token_sum(logits, teacher, labels)
-        sums["agree"], sums["teacher_entropy"] = loss_step.cached_health_sums(
-            logits, teacher.ids[..., 0], entropy, labels, self._ignore_index
-        )
-        return sums
-
     def _accumulate_gradients(self, batches: List[Dict[str, torch.Tensor]]) -> tuple:
         """Forward/backward the step's micro-batches; each contributes ``sum / step_tokens`` (global under data
         parallelism, where FSDP's averaging over ranks is undone by scaling the backward by the world size)."""
         return loss_step.accumulate_gradients(
             batches, self._loss_step, self._weighting, self._ignore_index,
             reduce_sum=self._reduce_sum(), grad_scale=float(self.world_size),
-            fused_components=(["ce", "kd"] + (["ir"] if self._aligner is not None else [])) if self._fused else None,
+            fused_components=(
+                (["ce", "kd"] + (["ir"] if self._aligner is not None else [])) if self._output_pass.fused else None
+            ),
         )
 
     def _micro_batches(self) -> Iterator[List[Dict[str, torch.Tensor]]]:
@@ -568,8 +525,9 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         first_step = 0
         if self._dataloader_state is not None:
             # Mid-epoch resume: the dataloader continues after the last batch the checkpoint had consumed.
-            if "sampler_yielded" in self._dataloader_state:
-                self._dataloader.sampler.load_state_dict({"yielded": self._dataloader_state["sampler_yielded"]})
+            if training_state.SAMPLER_POSITION in self._dataloader_state:
+                position = self._dataloader_state[training_state.SAMPLER_POSITION]
+                self._dataloader.sampler.load_state_dict({"yielded": position})
             else:
                 self._dataloader.load_state_dict(self._dataloader_state)
             first_step, self._dataloader_state = self._steps_done_in_epoch, None
@@ -653,30 +611,30 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         checkpointing.require_finite(trainable, "the student's weights")
         checkpointing.require_finite(projections or {}, "the projections")
         what = f"epoch {epoch}" if end_of_epoch else f"step {self.global_step} (epoch {epoch}, mid-epoch)"
-        state = {
-            training.SEED_KEY: self.seed,
-            training.EPOCHS_KEY: self.epochs_run,
-            training.TOTAL_EPOCHS_KEY: self.total_epochs,
-            training.MAX_STEPS_KEY: self.max_steps_per_epoch,
-            "global_step": self.global_step,
-            "steps_in_epoch": steps_in_epoch,
+        state = training_state.TrainingState(
+            seed=self.seed,
+            epochs_run=self.epochs_run,
+            total_epochs=self.total_epochs,
+            max_steps_per_epoch=self.max_steps_per_epoch,
+            global_step=self.global_step,
+            steps_in_epoch=steps_in_epoch,
             # An epoch's data order is fixed by the sampler's seed and the epoch; within it, the loader's state.
-            "dataloader": None if end_of_epoch else self._dataloader.state_dict(),
+            dataloader=None if end_of_epoch else self._dataloader.state_dict(),
             # World-size-independent position (the other recipe resumes from it) and what it assumes.
-            "samples_in_epoch": steps_in_epoch * self._global_batch,
-            "global_batch": self._global_batch,
-            "world_size": self.world_size,
+            samples_in_epoch=steps_in_epoch * self._global_batch,
+            global_batch=self._global_batch,
+            world_size=self.world_size,
             # The length of the lr schedule this state was trained with (a resume that changes it says so).
-            "lr_schedule_steps": self._lr_schedule_steps,
-            training.OPT_KEY: optimizer_state,
-            "trainable": trainable,
-            "projections": projections,
-            "layer_pairs": [list(p) for p in self._facts.layer_pairs],
-            "settings": self._settings,
-            "loss_scaling": self._weighting.state_dict(),
-            "nonfinite_steps": self._guard.skipped,
-            "rng": rng,
-        }
+            lr_schedule_steps=self._lr_schedule_steps,
+            optimizer=optimizer_state,
+            trainable=trainable,
+            projections=projections,
+            layer_pairs=self._facts.layer_pairs,
+            settings=self._settings,
+            loss_scaling=self._weighting.state_dict(),
+            nonfinite_steps=self._guard.skipped,
+            rng=rng,
+        )
         try:
             path = self._write_checkpoint(epoch if end_of_epoch else None, model_state, projections, state)
         except (OSError, output_folder.OutputFolderError) as err:
@@ -689,7 +647,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         epoch: Optional[int],
         model_state: Dict[str, torch.Tensor],
         projections: Optional[Dict[str, torch.Tensor]],
-        state: Dict[str, Any],
+        state: training_state.TrainingState,
     ) -> Path:
         """Rank 0's writes of :meth:`save_checkpoint` (``epoch``: the epoch whose end this is, ``None`` mid-epoch):
         each top-level entry is claimed in the output folder's marker before it is written."""

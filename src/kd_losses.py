@@ -15,13 +15,21 @@ Divergences between the teacher's next-token distribution ``p_t`` and the studen
 Every divergence takes ``temperature`` (both logits divided by T, the loss multiplied by T², Hinton et al. 2015)
 and ``ignore_index``. Each has a chunked twin ``<Name>WithChunkedOutputLoss(num_output_chunks=8, ...)`` that takes
 the lists of logit chunks torchtune's ``model.set_num_output_chunks(n)`` produces; all of them share one chunking
-mechanism (:class:`_ChunkedOutputMixin`).
+mechanism (:class:`ChunkedOutputMixin`).
 
-Shape of the computation (Liger-Kernel style): a pure function gives a per-token value from fp32 log-probabilities
-(``per_token``, the definition; ``value_and_grad``, the same value with its hand-derived gradient, used in training);
-``token_sum`` adds it over counted tokens; the mean (``forward``) divides once by the count, so a batch with no
-counted token gives exactly 0 with zero gradients, and chunked equals unchunked. Recipes sum ``token_sum`` over
-micro-batches and divide by the step's token count so that every token weighs the same.
+Shape of the computation (Liger-Kernel style): every divergence is a :class:`Divergence` (``is_divergence`` tells
+one apart from any other loss). Its ``per_token`` is the definition on fp32 log-probabilities, its
+``value_and_grad`` the same value with a hand-derived gradient; ``block_value_and_grad`` applies it to one block of
+logits (upcast, temperature, log-softmax, value, gradient, ignored rows dropped) without autograd, and ``token_sum``
+adds the values over counted tokens, computing each block's gradient at once and keeping only that for backward.
+The mean (``forward``) divides once by the count, so a batch with no counted token gives exactly 0 with zero
+gradients, and chunked equals unchunked. Recipes sum ``token_sum`` over micro-batches and divide by the step's
+token count so that every token weighs the same; ``token_sum_and_diagnostics`` adds the top-1 agreement and the
+teacher's entropy (:func:`diagnostics`), read from the log-probabilities the blocks compute anyway.
+
+Passes that compute the logits themselves (``torchtune_kd.core.fused_output``) use the same pieces per chunk:
+``value_and_grad``, :func:`sparse_value_and_grad`, :func:`zero_ignored_rows`, :func:`diagnostics` and
+``Divergence.check_sparse``.
 
 Numerics: everything happens in log space on fp32 upcasts (one chunk at a time); the JSD mixture is a
 ``logsumexp``; the ``0·log 0 = 0`` convention is applied with masks that keep gradients finite, so ``-inf`` logits
@@ -35,9 +43,10 @@ Sparse teacher (a cache of top-k log-probabilities, ``recipes/cache_teacher.py``
 :class:`TeacherTopK` in place of the teacher's logits. The teacher is then known only on its ``k`` most probable
 tokens plus one *tail bucket* holding the rest of its mass (exact: the cache stores the full log-normaliser's tail),
 and the student's distribution is coarsened the same way, its tail being the exact mass of its full softmax outside
-those ids. The loss is the divergence between the two distributions over these ``k + 1`` outcomes (``coarsen``):
-equal to the dense divergence at ``k = vocab``; below it, a lower bound of it (every divergence here is an
-f-divergence, and merging outcomes never increases one). Same ``token_sum`` contract, chunking, temperature and numerics as the dense form.
+those ids. The loss is the divergence between the two distributions over these ``k + 1`` outcomes
+(:func:`coarsen_teacher`, :func:`coarsen_student`): equal to the dense divergence at ``k = vocab``; below it, a
+lower bound of it (every divergence here is an f-divergence, and merging outcomes never increases one). Same
+``token_sum`` contract, chunking, temperature and numerics as the dense form.
 
 Hidden-state (intermediate representation) losses :class:`CosineIRLoss` and :class:`MSEIRLoss` compare aligned
 layer outputs over real tokens; :func:`make_projection` builds the learned student-dim → teacher-dim map.
@@ -47,7 +56,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +70,8 @@ __all__ = [
     "SymmetricKLWithChunkedOutputLoss", "JSDistanceWithChunkedOutputLoss", "TVDistanceWithChunkedOutputLoss",
     "SkewForwardKLWithChunkedOutputLoss", "SkewReverseKLWithChunkedOutputLoss", "CosineIRLoss", "MSEIRLoss",
     "make_projection", "DIVERGENCES", "kl_per_token", "jsd_per_token", "tvd_per_token", "TeacherTopK",
-    "coarsen_student", "coarsen_teacher",
+    "coarsen_student", "coarsen_teacher", "Divergence", "is_divergence", "ChunkedOutputMixin", "Block",
+    "zero_ignored_rows", "sparse_value_and_grad", "entropy", "diagnostics",
 ]
 
 
@@ -152,10 +162,12 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch
     return torch.logaddexp(shifted_a, log_b, out=shifted_a).add_(math.log1p(-weight_a))
 
 
-def _zero_ignored_rows(grad: torch.Tensor, keep: torch.Tensor, *, by_index: bool) -> torch.Tensor:
+def zero_ignored_rows(grad: torch.Tensor, keep: torch.Tensor, *, by_index: bool) -> torch.Tensor:
     """Zero, in place, the rows of ``grad`` ``(num_tokens, vocab)`` whose ``keep`` ``(num_tokens,)`` is False.
 
-    ``by_index`` touches only those rows (cheapest on CPU); otherwise one masked pass, which needs no device sync.
+    ``by_index`` touches only those rows (cheapest on CPU, but its ``nonzero`` is a device sync elsewhere and has a
+    data-dependent shape that breaks a ``torch.compile`` graph); otherwise one masked pass, which needs no sync.
+    A fill rather than a multiplication: an ignored row may hold inf or nan.
     """
     if by_index:
         return grad.index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
@@ -196,18 +208,22 @@ class TeacherTopK:
     """The teacher's next-token distribution as its ``k`` most probable tokens plus a tail bucket.
 
     Attributes:
-        ids (torch.Tensor): ``(..., k)`` integer token ids (distinct within a row), any integer dtype.
+        ids (torch.Tensor): ``(..., k)`` integer token ids (distinct within a row, most probable first: the
+            diagnostics read the first as the teacher's top-1), any integer dtype.
         logprobs (torch.Tensor): ``(..., k)`` log p_t of those ids at ``temperature`` (any float dtype: caches
             store fp16).
         log_tail (torch.Tensor): ``(...,)`` log(1 − Σ top-k p_t), exact (``-inf`` when ``k = vocab``).
         temperature (float): the temperature the log-probabilities were computed at; a loss with another
             temperature refuses them.
+        entropy (Optional[torch.Tensor]): ``(...,)`` the full distribution's entropy (nats, T = 1), which the top-k
+            form cannot give; read only by the diagnostics (:func:`diagnostics`), ``None`` when unknown.
     """
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     log_tail: torch.Tensor
     temperature: float = 1.0
+    entropy: Optional[torch.Tensor] = None
 
     @property
     def k(self) -> int:
@@ -218,19 +234,31 @@ class TeacherTopK:
         """The leading (token) shape, e.g. ``(bsz, seq_len)``."""
         return self.log_tail.shape
 
+    def _map(self, per_token: Callable[[torch.Tensor, bool], torch.Tensor]) -> "TeacherTopK":
+        """The same fields through ``per_token(tensor, has_k_dim)``."""
+        entropy = None if self.entropy is None else per_token(self.entropy, False)
+        return TeacherTopK(per_token(self.ids, True), per_token(self.logprobs, True), per_token(self.log_tail, False),
+                           self.temperature, entropy)
+
     def reshape_rows(self) -> "TeacherTopK":
         """The same distributions as ``(num_tokens, k)`` rows."""
-        return TeacherTopK(
-            self.ids.reshape(-1, self.k), self.logprobs.reshape(-1, self.k), self.log_tail.reshape(-1), self.temperature
-        )
+        return self._map(lambda t, has_k: t.reshape(-1, self.k) if has_k else t.reshape(-1))
 
     def chunk(self, chunks: int, dim: int = 1) -> list["TeacherTopK"]:
         """Split along a token dimension like ``Tensor.chunk`` (as labels are split for chunked logits)."""
-        parts = zip(self.ids.chunk(chunks, dim), self.logprobs.chunk(chunks, dim), self.log_tail.chunk(chunks, dim))
-        return [TeacherTopK(i, lp, lt, self.temperature) for i, lp, lt in parts]
+        return self._split(lambda t: t.chunk(chunks, dim))
+
+    def split(self, size: int, dim: int = 0) -> list["TeacherTopK"]:
+        """Split along a token dimension like ``Tensor.split`` (``size`` tokens per part, the last may be shorter)."""
+        return self._split(lambda t: t.split(size, dim))
+
+    def _split(self, parts_of: Callable[[torch.Tensor], Sequence[torch.Tensor]]) -> list["TeacherTopK"]:
+        fields = [parts_of(t) for t in (self.ids, self.logprobs, self.log_tail)]
+        entropies = parts_of(self.entropy) if self.entropy is not None else [None] * len(fields[0])
+        return [TeacherTopK(i, lp, lt, self.temperature, e) for i, lp, lt, e in zip(*fields, entropies)]
 
     def to(self, device: Union[str, torch.device]) -> "TeacherTopK":
-        return TeacherTopK(self.ids.to(device), self.logprobs.to(device), self.log_tail.to(device), self.temperature)
+        return self._map(lambda t, has_k: t.to(device))
 
 
 def coarsen_teacher(teacher: TeacherTopK) -> torch.Tensor:
@@ -260,8 +288,8 @@ def coarsen_student(s_logp: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tens
     return torch.cat((top, torch.logsumexp(tail_only, dim=-1, keepdim=True)), dim=-1), tail_only
 
 
-def _sparse_value_and_grad(
-    divergence: "_Divergence", s_logp: torch.Tensor, ids: torch.Tensor, t_coarse: torch.Tensor
+def sparse_value_and_grad(
+    divergence: "Divergence", s_logp: torch.Tensor, ids: torch.Tensor, t_coarse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A divergence over ``k + 1`` outcomes and its gradient with respect to the student's full logits.
 
@@ -272,6 +300,7 @@ def _sparse_value_and_grad(
     probabilities.
 
     Args:
+        divergence (Divergence): the divergence whose ``value_and_grad`` is applied to the ``k + 1`` outcomes.
         s_logp (torch.Tensor): ``(rows, vocab)`` fp32 student log-probabilities (temperature applied).
         ids (torch.Tensor): ``(rows, k)`` int64.
         t_coarse (torch.Tensor): ``(rows, k + 1)`` fp32 teacher log-probabilities (:func:`coarsen_teacher`).
@@ -290,10 +319,70 @@ def _sparse_value_and_grad(
 
 
 
+# ---------------------------------------------------------------------------------------------------- diagnostics
+
+
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """H(p) = −Σ p·log p per row of log-probabilities ``(rows, vocab)`` -> ``(rows,)``, with ``0·log 0 = 0``.
+
+    ``log p`` is the given one, clamped to the dtype's lowest finite value so that a masked (``-inf``) entry
+    contributes ``0 · finite = 0``; a nan passes the clamp, so a row with a nan logit has a nan entropy. (Reading
+    ``log p`` rather than recomputing it, as ``torch.special.entr`` does, costs about half as much on CPU.)
+    """
+    return -logp.exp().mul_(logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
+
+
+def diagnostics(
+    student: torch.Tensor, teacher: Union[torch.Tensor, TeacherTopK], keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distillation health diagnostics over kept rows: top-1 agreement count and summed teacher entropy.
+
+    The one implementation every path uses (the divergences' blocks, the fused output pass, logits from any KD
+    loss). The teacher entropy at T = 1 also links a KL to torchtune's ``ForwardKLLoss``, which reports the soft
+    cross-entropy H(p_t, p_s) = KL(p_t ‖ p_s) + H(p_t).
+
+    Args:
+        student (torch.Tensor): ``(rows, vocab)`` the student's logits or log-probabilities at any temperature (only
+            its argmax is read).
+        teacher (Union[torch.Tensor, TeacherTopK]): ``(rows, vocab)`` the teacher's fp32 log-probabilities at
+            T = 1; or :class:`TeacherTopK` rows ``(rows, k)`` with ``entropy`` (its first id is its top-1).
+        keep (torch.Tensor): ``(rows,)`` bool, True where the token counts.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: ``(agreements, entropy_sum)`` as fp32 scalars. Masked sums, never
+        boolean indexing: no device sync.
+    """
+    if isinstance(teacher, TeacherTopK):
+        if teacher.entropy is None:
+            raise ValueError("the diagnostics need the cached teacher's entropy (TeacherTopK.entropy is None)")
+        teacher_top1, row_entropy = teacher.ids[:, 0].long(), teacher.entropy.float()
+    else:
+        teacher_top1, row_entropy = teacher.argmax(-1), entropy(teacher)
+    zero = torch.zeros((), dtype=torch.float32, device=keep.device)
+    agree = ((student.argmax(-1) == teacher_top1) & keep).sum().float()
+    return agree, torch.where(keep, row_entropy, zero).sum()
+
+
+class Block(NamedTuple):
+    """What :meth:`Divergence.block_value_and_grad` returns for one block of tokens.
+
+    Attributes:
+        value (torch.Tensor): fp32 scalar, the divergence summed over counted tokens, × T².
+        grad (torch.Tensor): its gradient with respect to the student's logits (their shape and dtype).
+        agree (Optional[torch.Tensor]): with ``diagnostics=True``, the top-1 agreement count (fp32 scalar).
+        teacher_entropy (Optional[torch.Tensor]): with ``diagnostics=True``, the summed teacher entropy (T = 1).
+    """
+
+    value: torch.Tensor
+    grad: torch.Tensor
+    agree: Optional[torch.Tensor] = None
+    teacher_entropy: Optional[torch.Tensor] = None
+
+
 # -------------------------------------------------------------------------------------------------- divergences
 
 
-class _Divergence(nn.Module):
+class Divergence(nn.Module):
     """Base of every divergence: validation, temperature, fp32 upcast, masking and reduction in one place.
 
     Args:
@@ -320,7 +409,7 @@ class _Divergence(nn.Module):
         the graph.
         """
         self._compiled = True
-        self._block_value_and_grad = torch.compile(self._block_value_and_grad, backend=backend)
+        self.block_value_and_grad = torch.compile(self.block_value_and_grad, backend=backend)
 
     def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
         """The divergence per row of fp32 log-probabilities ``(num_tokens, vocab)`` -> ``(num_tokens,)``.
@@ -353,7 +442,7 @@ class _Divergence(nn.Module):
 
     def _check(self, student: torch.Tensor, teacher: Union[torch.Tensor, TeacherTopK], labels: torch.Tensor) -> None:
         if isinstance(teacher, TeacherTopK):
-            self._check_sparse(student, teacher)
+            self.check_sparse(student, teacher)
         elif student.shape != teacher.shape:
             if student.shape[-1] != teacher.shape[-1]:
                 raise ValueError(
@@ -367,7 +456,12 @@ class _Divergence(nn.Module):
                 f"{tuple(student.shape[:-1])}"
             )
 
-    def _check_sparse(self, student: torch.Tensor, teacher: TeacherTopK) -> None:
+    def check_sparse(self, student: torch.Tensor, teacher: TeacherTopK) -> None:
+        """Refuse a :class:`TeacherTopK` that does not fit this loss and the student's logits ``(..., vocab)``.
+
+        Raises:
+            ValueError: another temperature, another token shape, mismatched fields, or ``k`` above the vocabulary.
+        """
         if teacher.temperature != self.temperature:
             raise ValueError(
                 f"the teacher's top-k log-probabilities were computed at temperature {teacher.temperature}, this loss "
@@ -381,11 +475,16 @@ class _Divergence(nn.Module):
             )
         if teacher.logprobs.shape != teacher.ids.shape:
             raise ValueError(f"teacher top-k logprobs {tuple(teacher.logprobs.shape)} != ids {tuple(teacher.ids.shape)}")
+        if teacher.entropy is not None and teacher.entropy.shape != teacher.shape:
+            raise ValueError(f"teacher entropy {tuple(teacher.entropy.shape)} != its tail {tuple(teacher.shape)}")
         if teacher.k > student.shape[-1]:
             raise ValueError(f"teacher top-k has k={teacher.k} ids but the vocabulary has {student.shape[-1]} tokens")
 
-    def _block_sum(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum of the per-token divergence over counted tokens of one block (fp32 scalar, already × T²).
+    def _block_sums(
+        self, student: torch.Tensor, teacher: Union[torch.Tensor, TeacherTopK], labels: torch.Tensor, diagnostics: bool
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Sum of the per-token divergence over counted tokens of one block (fp32 scalar, already × T²), and with
+        ``diagnostics`` the block's agreement count and teacher-entropy sum (else ``None``), detached.
 
         When the student's logits need a gradient, the block's gradient is computed right away by the divergence's
         hand-derived :meth:`value_and_grad` and its intermediates (fp32 upcasts, softmaxes, mixtures: several
@@ -397,53 +496,103 @@ class _Divergence(nn.Module):
         if student.requires_grad and torch.is_grad_enabled():
             if isinstance(teacher, torch.Tensor):
                 teacher = teacher.detach()
-            return _EagerGradBlock.apply(student, teacher, labels, self)
-        return self._block_sum_graph(student, teacher, labels)
+            if not diagnostics:
+                return _EagerGradBlock.apply(student, teacher, labels, self, False), None, None
+            return _EagerGradBlock.apply(student, teacher, labels, self, True)
+        return self._block_sums_graph(student, teacher, labels, diagnostics)
 
-    def _block_value_and_grad(
-        self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum over counted tokens of one block (× T²) and its gradient with respect to ``student`` (its dtype)."""
+    def block_value_and_grad(
+        self, student: torch.Tensor, teacher: Union[torch.Tensor, TeacherTopK], labels: torch.Tensor, *,
+        diagnostics: bool = False,
+    ) -> Block:
+        """One block's divergence and its gradient, without autograd: the per-chunk computation of training.
+
+        The student's and the teacher's logits are upcast to fp32 (one block at a time), divided by the temperature
+        and log-softmaxed; the divergence's :meth:`value_and_grad` (or its sparse form against a
+        :class:`TeacherTopK`) gives values and gradient; ignored rows are dropped. With ``diagnostics`` the
+        agreement and the teacher's entropy are read from the same log-probabilities first (at T ≠ 1 the teacher's
+        entropy needs its T = 1 log-softmax too).
+
+        Args:
+            student (torch.Tensor): ``(..., vocab)`` logits (any float dtype); not modified.
+            teacher (Union[torch.Tensor, TeacherTopK]): logits of the same shape, or a :class:`TeacherTopK` with the
+                same leading shape (with ``entropy`` when ``diagnostics``).
+            labels (torch.Tensor): ``student.shape[:-1]``; ``ignore_index`` where a token does not count.
+            diagnostics (bool): also return the top-1 agreement count and the teacher-entropy sum.
+
+        Returns:
+            Block: ``value`` (fp32 scalar × T²), ``grad`` (the student's shape and dtype), and with
+            ``diagnostics`` ``agree`` and ``teacher_entropy`` (fp32 scalars).
+        """
         vocab = student.shape[-1]
         keep = labels.reshape(-1) != self.ignore_index
         s = student.detach().reshape(-1, vocab).float()
         if self.temperature != 1.0:
             s = s / self.temperature
+        agree = entropy_sum = None
         if isinstance(teacher, TeacherTopK):
             rows = teacher.reshape_rows()
-            values, grad = _sparse_value_and_grad(self, F.log_softmax(s, dim=-1), rows.ids.long(), coarsen_teacher(rows))
+            s_logp = F.log_softmax(s, dim=-1)
+            if diagnostics:
+                agree, entropy_sum = _diagnostics(s_logp, rows, keep)
+            values, grad = sparse_value_and_grad(self, s_logp, rows.ids.long(), coarsen_teacher(rows))
         else:
             t = teacher.detach().reshape(-1, vocab).float()
             if self.temperature != 1.0:
+                if diagnostics:
+                    # The entropy is at T = 1; the agreement (an argmax) is the same at any temperature.
+                    agree, entropy_sum = _diagnostics(s, F.log_softmax(t, dim=-1), keep)
                 t = t / self.temperature
-            values, grad = self.value_and_grad(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1))
+            s_logp, t_logp = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+            if diagnostics and self.temperature == 1.0:
+                agree, entropy_sum = _diagnostics(s_logp, t_logp, keep)
+            values, grad = self.value_and_grad(s_logp, t_logp)
         # Ignored rows are computed and then dropped; where() and fills, not multiplication, because such a row may
         # be inf/nan (e.g. all -inf padding logits). On CPU, filling just the ignored rows by index is ~10× cheaper
         # than a masked pass over the whole block; elsewhere the index would cost a device sync per chunk.
         values = torch.where(keep, values, torch.zeros_like(values))
-        grad = _zero_ignored_rows(grad, keep, by_index=grad.device.type == "cpu" and not self._compiled)
+        grad = zero_ignored_rows(grad, keep, by_index=grad.device.type == "cpu" and not self._compiled)
         if self.temperature != 1.0:
             grad = grad.mul_(self.temperature)  # ∂(T²·L(z/T))/∂z = T·∂L/∂s
-        return values.sum() * (self.temperature**2), grad.view(student.shape).to(student.dtype)
+        value = values.sum() * (self.temperature**2)
+        return Block(value, grad.view(student.shape).to(student.dtype), agree, entropy_sum)
 
-    def _block_sum_graph(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _block_sums_graph(
+        self, student: torch.Tensor, teacher: Union[torch.Tensor, TeacherTopK], labels: torch.Tensor, diagnostics: bool
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
         vocab = student.shape[-1]
         keep = labels.reshape(-1) != self.ignore_index
         s = student.reshape(-1, vocab).float()
         if self.temperature != 1.0:
             s = s / self.temperature
+        agree = entropy_sum = None
         if isinstance(teacher, TeacherTopK):
             rows = teacher.reshape_rows()
-            s_coarse, _ = coarsen_student(F.log_softmax(s, dim=-1), rows.ids.long())
+            s_logp = F.log_softmax(s, dim=-1)
+            if diagnostics:
+                agree, entropy_sum = _diagnostics(s_logp.detach(), rows, keep)
+            s_coarse, _ = coarsen_student(s_logp, rows.ids.long())
             values = self.per_token(s_coarse, coarsen_teacher(rows))
         else:
             t = teacher.reshape(-1, vocab).float()
+            if diagnostics and self.temperature != 1.0:
+                agree, entropy_sum = _diagnostics(s.detach(), F.log_softmax(t.detach(), dim=-1), keep)
             if self.temperature != 1.0:
                 t = t / self.temperature
-            values = self.per_token(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1))
+            s_logp, t_logp = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+            if diagnostics and self.temperature == 1.0:
+                agree, entropy_sum = _diagnostics(s_logp.detach(), t_logp.detach(), keep)
+            values = self.per_token(s_logp, t_logp)
         # where(), not multiplication: an ignored row's value may be inf/nan (e.g. all -inf padding logits).
         values = torch.where(keep, values, torch.zeros_like(values))
-        return values.sum() * (self.temperature**2)
+        return values.sum() * (self.temperature**2), agree, entropy_sum
+
+    def _token_sums(
+        self, student_logits: Logits, teacher_logits: Union[Logits, TeacherTopK], labels: torch.Tensor,
+        diagnostics: bool,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The divergence's token sum (× T²) and, with ``diagnostics``, the agreement count and entropy sum."""
+        return self._block_sums(student_logits, teacher_logits, labels, diagnostics)
 
     def token_sum(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor
@@ -459,7 +608,25 @@ class _Divergence(nn.Module):
         Returns:
             tuple[torch.Tensor, torch.Tensor]: fp32 scalar sum (× T²) and the integer count.
         """
-        return self._block_sum(student_logits, teacher_logits, labels), (labels != self.ignore_index).sum()
+        return self._token_sums(student_logits, teacher_logits, labels, False)[0], (labels != self.ignore_index).sum()
+
+    def token_sum_and_diagnostics(
+        self, student_logits: Logits, teacher_logits: Union[Logits, TeacherTopK], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`token_sum`'s sum with the top-1 agreement count and the teacher-entropy sum (T = 1) over counted
+        tokens (:func:`diagnostics`), read from the log-probabilities each block computes for the divergence.
+
+        Args:
+            student_logits (Logits): as for :meth:`token_sum` (chunk lists for the chunked twins).
+            teacher_logits (Union[Logits, TeacherTopK]): as for :meth:`token_sum`; a :class:`TeacherTopK` needs its
+                ``entropy``.
+            labels (torch.Tensor): as for :meth:`token_sum`.
+
+        Returns:
+            tuple[torch.Tensor, torch.Tensor, torch.Tensor]: the divergence's fp32 sum (× T², differentiable), the
+            agreement count and the entropy sum (fp32, detached).
+        """
+        return self._token_sums(student_logits, teacher_logits, labels, True)
 
     def forward(self, student_logits: Logits, teacher_logits: Logits, labels: torch.Tensor) -> torch.Tensor:
         """Mean of the per-token loss over counted tokens (0 when none counts)."""
@@ -467,22 +634,38 @@ class _Divergence(nn.Module):
         return total / count.clamp(min=1)
 
 
+_diagnostics = diagnostics  # for the methods above, whose ``diagnostics`` argument shadows the function
+
+
+def is_divergence(obj_or_class: object) -> bool:
+    """Whether a loss (instance or class) is a :class:`Divergence`: it has the per-block value-and-gradient the
+    fused output pass and a teacher cache's sparse form need."""
+    if isinstance(obj_or_class, type):
+        return issubclass(obj_or_class, Divergence)
+    return isinstance(obj_or_class, Divergence)
+
+
 class _EagerGradBlock(torch.autograd.Function):
-    """Value of one block with its gradient computed in the forward pass (see ``_Divergence._block_sum``).
+    """Value of one block with its gradient computed in the forward pass (see ``Divergence._block_sums``).
 
     One generic mechanism for every divergence: the divergence supplies ``value_and_grad``; this saves the gradient
-    and scales it by the incoming gradient in backward. ``tests/test_losses_reference.py`` checks every
+    and scales it by the incoming gradient in backward. ``tests/unit/test_losses_reference.py`` checks every
     ``value_and_grad`` against autograd of the same divergence's ``per_token`` and against a float64 reference.
+    With ``diagnostics`` the agreement and entropy sums come out too, as non-differentiable outputs.
     """
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, loss: "_Divergence") -> torch.Tensor:
-        value, grad = loss._block_value_and_grad(student, teacher, labels)
-        ctx.save_for_backward(grad)
-        return value
+    def forward(ctx, student: torch.Tensor, teacher: Union[torch.Tensor, TeacherTopK], labels: torch.Tensor,
+                loss: Divergence, diagnostics: bool):
+        block = loss.block_value_and_grad(student, teacher, labels, diagnostics=diagnostics)
+        ctx.save_for_backward(block.grad)
+        if not diagnostics:
+            return block.value
+        ctx.mark_non_differentiable(block.agree, block.teacher_entropy)
+        return block.value, block.agree, block.teacher_entropy
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_output: torch.Tensor, *unused: torch.Tensor):
         # In place: the saved gradient is this block's alone and a fresh logits-sized tensor costs more than the
         # multiplication. So a second backward through the same graph (retain_graph=True) would see a scaled
         # gradient: refuse it rather than return a wrong one.
@@ -491,13 +674,13 @@ class _EagerGradBlock(torch.autograd.Function):
         ctx.consumed = True
         (grad,) = ctx.saved_tensors
         if grad.dtype in (torch.float32, torch.float64):
-            return grad.mul_(grad_output.to(grad.dtype)), None, None, None
+            return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None
         # bf16/fp16: scale in fp32. Casting the scale (typically 1/tokens) to bf16 would bias the whole chunk's
         # gradient by up to 0.4%; an fp32 product costs one transient fp32 copy of this chunk only.
-        return grad.copy_(grad.float().mul_(grad_output.float())), None, None, None
+        return grad.copy_(grad.float().mul_(grad_output.float())), None, None, None, None
 
 
-class ForwardKLLoss(_Divergence):
+class ForwardKLLoss(Divergence):
     """KL(p_t ‖ p_s): the teacher's distribution is the target (mean-seeking)."""
 
     def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
@@ -509,7 +692,7 @@ class ForwardKLLoss(_Divergence):
         return values, s_logp.exp_().sub_(p_t)  # ∂KL(p_t‖p_s)/∂z_s = p_s − p_t
 
 
-class ReverseKLLoss(_Divergence):
+class ReverseKLLoss(Divergence):
     """KL(p_s ‖ p_t): the student's own distribution weighs the errors (mode-seeking)."""
 
     def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
@@ -522,7 +705,7 @@ class ReverseKLLoss(_Divergence):
         return values, _through_softmax(p_s, terms)
 
 
-class SymmetricKLLoss(_Divergence):
+class SymmetricKLLoss(Divergence):
     """(1−λ)·KL(p_t‖p_s) + λ·KL(p_s‖p_t).
 
     Args:
@@ -558,7 +741,7 @@ class SymmetricKLLoss(_Divergence):
         return values, grad.add_(p_s.sub_(p_t), alpha=1 - lam)
 
 
-class JSDistanceLoss(_Divergence):
+class JSDistanceLoss(Divergence):
     """Generalised Jensen-Shannon divergence λ·KL(p_s‖m) + (1−λ)·KL(p_t‖m), m = (1−λ)·p_t + λ·p_s.
 
     The name is kept for compatibility with existing configs: the value is the divergence itself, not its square
@@ -593,7 +776,7 @@ class JSDistanceLoss(_Divergence):
         return values, _through_softmax(p_s, student_terms).mul_(lam)
 
 
-class TVDistanceLoss(_Divergence):
+class TVDistanceLoss(Divergence):
     """Total variation distance ½·Σ|p_t − p_s| ∈ [0, 1]."""
 
     def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
@@ -608,7 +791,7 @@ class TVDistanceLoss(_Divergence):
         return values, _through_softmax(p_s, ps_h)
 
 
-class _SkewKL(_Divergence):
+class _SkewKL(Divergence):
     """Shared by the skew KLs: ``alpha`` and its edge cases (α = 0 is the plain KL, α = 1 gives 0)."""
 
     _unskewed: type
@@ -685,12 +868,14 @@ class SkewReverseKLLoss(_SkewKL):
 # ---------------------------------------------------------------------------------------------------- chunking
 
 
-class _ChunkedOutputMixin:
+class ChunkedOutputMixin:
     """Turns any divergence into its chunked-output twin: one mechanism for all of them.
 
-    ``token_sum`` walks the chunks (each upcast to fp32 on its own, so only one chunk's fp32 copy exists at a time),
-    adds their sums and counts, and ``forward`` divides once: the value is the token mean over the whole batch,
-    never a mean of chunk means, and equals the unchunked loss.
+    ``token_sum`` and ``token_sum_and_diagnostics`` take lists of logit chunks ``(bsz, seq_len / n, vocab)``, the
+    teacher's of the same shapes (or one :class:`TeacherTopK` ``(bsz, seq_len, k)``, split like the labels), and
+    labels ``(bsz, seq_len)``. They walk the chunks (each upcast to fp32 on its own, so only one chunk's fp32 copy
+    exists at a time) and add their sums; ``forward`` divides once by the count: the value is the token mean over
+    the whole batch, never a mean of chunk means, and equals the unchunked loss.
 
     Args:
         num_output_chunks (int): number of chunks the model splits its output into. Default 8.
@@ -702,19 +887,21 @@ class _ChunkedOutputMixin:
             raise ValueError(f"num_output_chunks={num_output_chunks!r} must be an integer >= 1")
         self.num_output_chunks = num_output_chunks
 
-    def token_sum(
-        self, student_logits: Logits, teacher_logits: Logits, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum over counted tokens of all chunks, and the count.
+    def _token_sums(
+        self, student_logits: Logits, teacher_logits: Union[Logits, TeacherTopK], labels: torch.Tensor,
+        diagnostics: bool,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Sums over counted tokens of all chunks (see :meth:`Divergence.token_sum_and_diagnostics`).
 
         Args:
             student_logits (Logits): list of ``(bsz, seq_len / n, vocab)`` chunks (a single tensor also works).
-            teacher_logits (Logits): the teacher's chunks, same shapes; or one :class:`TeacherTopK`
-                ``(bsz, seq_len, k)``, split like the labels.
+            teacher_logits (Union[Logits, TeacherTopK]): the teacher's chunks, same shapes; or one
+                :class:`TeacherTopK` ``(bsz, seq_len, k)``, split like the labels.
             labels (torch.Tensor): ``(bsz, seq_len)``.
+            diagnostics (bool): also sum the agreement counts and teacher entropies (else they are ``None``).
         """
         if isinstance(student_logits, torch.Tensor) and isinstance(teacher_logits, (torch.Tensor, TeacherTopK)):
-            return super().token_sum(student_logits, teacher_logits, labels)
+            return super()._token_sums(student_logits, teacher_logits, labels, diagnostics)
         student_logits = list(student_logits)
         if isinstance(teacher_logits, TeacherTopK):
             # One cached teacher for the whole sequence: split like the labels.
@@ -733,15 +920,19 @@ class _ChunkedOutputMixin:
                 f"labels of length {labels.shape[1]} split into {len(label_chunks)} chunks, not {len(student_logits)}"
             )
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
+        agree = entropy_sum = total.clone() if diagnostics else None
         for student, teacher, chunk_labels in zip(student_logits, teacher_logits, label_chunks):
-            total = total + self._block_sum(student, teacher, chunk_labels)
-        return total, (labels != self.ignore_index).sum()
+            value, chunk_agree, chunk_entropy = self._block_sums(student, teacher, chunk_labels, diagnostics)
+            total = total + value
+            if diagnostics:
+                agree, entropy_sum = agree + chunk_agree, entropy_sum + chunk_entropy
+        return total, agree, entropy_sum
 
 
 def _chunked(base: type, doc_name: str) -> type:
     name = f"{doc_name}WithChunkedOutputLoss"
-    cls = type(name, (_ChunkedOutputMixin, base), {"__module__": __name__})
-    cls.__doc__ = f"{base.__name__} over chunked logits (see :class:`_ChunkedOutputMixin`).\n\n{base.__doc__ or ''}"
+    cls = type(name, (ChunkedOutputMixin, base), {"__module__": __name__})
+    cls.__doc__ = f"{base.__name__} over chunked logits (see :class:`ChunkedOutputMixin`).\n\n{base.__doc__ or ''}"
     return cls
 
 

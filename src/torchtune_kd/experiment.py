@@ -3,8 +3,9 @@
 Each cell is one ``tune run <recipe>`` with overrides, evaluated the same way (held-out perplexity and top-1
 agreement with the teacher, :mod:`~torchtune_kd.evaluation.heldout_metrics`). The caller names the recipe file and
 the checkout to run it in (``scripts/experiment.py`` knows its own checkout); this module never guesses either from
-its own location, so it behaves the same installed from a wheel. A CE-only baseline runs for every seed with the
-same steps and data order. The summary reports mean ± standard error over seeds per setting and the *paired*
+its own location, so it behaves the same installed from a wheel (:func:`run_grid` runs a whole grid,
+:func:`write_summary` writes its tables). A CE-only baseline runs for every seed with the same steps and data
+order. The summary reports mean ± standard error over seeds per setting and the *paired*
 difference to the baseline (same seed = same data order), mean ± standard error, marked significant only when a
 paired t-test rejects "no difference" at the 95% level (|Δ| > t(n−1)·se; 4.3 se for 3 seeds). Finished cells are
 skipped, so an interrupted grid resumes.
@@ -16,12 +17,15 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-from torchtune_kd import tune_cli
+from torchtune_kd import output_folder, tune_cli
+from torchtune_kd.evaluation.tables import markdown_table
 
 # name -> kd_losses class stem (the chunked variant is used when the config's loss is chunked)
 DIVERGENCES = {
@@ -170,6 +174,159 @@ def run_cell(
     return exports[-1]
 
 
+# The teacher-cache pre-pass, relative to the checkout (torchtune imports a recipe path as `recipes.<name>`).
+CACHE_PREPASS = "recipes/cache_teacher.py"
+
+
+def run_grid(
+    cells: Sequence[Cell],
+    out: output_folder.OwnedFolder,
+    *,
+    checkout: Path,
+    recipe: Path,
+    config: Path,
+    overrides: Sequence[str],
+    command: str,
+    steps: int,
+    mapping: str,
+    scales: Mapping[str, float],
+    heldout: Path,
+    eval_seq_len: int,
+    eval_windows: int,
+    env: Optional[Mapping[str, str]] = None,
+    teacher_cache: Optional[Path] = None,
+    cache_top_k: int = 64,
+) -> list[dict[str, object]]:
+    """Run every cell not finished before (each one ``tune run``, then evaluated on held-out text).
+
+    Each cell's run goes to ``<out>/cells/<cell>/run`` (its log beside it), its result to ``result.json`` there; a
+    cell with a ``result.json`` is read back, not run again, so an interrupted grid resumes. The runs' training states
+    are deleted once evaluated.
+
+    Args:
+        cells (Sequence[Cell]): the grid (:func:`grid`).
+        out (OwnedFolder): the grid's folder, claimed by the caller with ``command.txt`` and ``cells``.
+        checkout (Path): the checkout the recipes run in (their working directory).
+        recipe (Path): the distillation recipe file inside ``checkout``.
+        config (Path): the base config.
+        overrides (Sequence[str]): ``key=value`` overrides for every run (``~key`` removals too).
+        command (str): the command line, written to ``command.txt``.
+        steps (int): optimiser steps per run.
+        mapping (str): the layer mapping of cells with IR.
+        scales (Mapping[str, float]): ``{ce, kd, ir}`` weights of the KD cells.
+        heldout (Path): held-out plain text.
+        eval_seq_len (int): evaluation window length.
+        eval_windows (int): evaluation windows.
+        env (Optional[Mapping[str, str]]): extra environment variables of the runs (e.g. ``KD_ASSETS``).
+        teacher_cache (Optional[Path]): run the teacher once into this cache and distil every cell without IR from
+            it; cells with IR run the teacher live.
+        cache_top_k (int): k of the teacher cache.
+
+    Returns:
+        list[dict]: one result row per cell, in grid order.
+
+    Raises:
+        SystemExit: the teacher-cache pre-pass failed (the message names its log).
+        RuntimeError: a cell's run failed (see :func:`run_cell`).
+    """
+    from omegaconf import OmegaConf
+
+    from torchtune_kd.evaluation import heldout_metrics
+
+    env = dict(env or {})
+    base = OmegaConf.load(config)
+    base = OmegaConf.merge(base, OmegaConf.from_dotlist([o for o in overrides if not o.startswith("~")]))
+    teacher_dir = Path(str(base.teacher_checkpointer.checkpoint_dir))
+    chunked = str(base.kd_loss._component_).endswith("WithChunkedOutputLoss")
+    base_kd_keys = [k for k in base.kd_loss.keys() if k != "_component_"]
+
+    (out.path / "command.txt").write_text(command + "\n")
+    cache = None
+    if teacher_cache is not None:
+        cache = str(teacher_cache.resolve())
+        started = time.time()
+        print(f"[experiment] teacher cache {cache} (k={cache_top_k}): one pre-pass for the whole grid ...", flush=True)
+        result = tune_cli.tune_run(
+            CACHE_PREPASS, config, [f"teacher_cache.path={cache}", f"teacher_cache.top_k={cache_top_k}", *overrides],
+            cwd=checkout, env=env,
+        )
+        out.path_of("teacher_cache.log").write_text(result.stdout or "")
+        if result.returncode != 0:
+            raise SystemExit(f"the teacher-cache pre-pass failed (exit {result.returncode}); see "
+                             f"{out.path / 'teacher_cache.log'}")
+        print(f"[experiment]   cache ready ({time.time() - started:.0f} s)")
+    rows = []
+    for index, cell in enumerate(cells, 1):
+        cell_dir = out.path / "cells" / cell.name
+        result = load_result(cell_dir)
+        if result is not None:
+            print(f"[experiment] {index}/{len(cells)} {cell.name}: done before, skipped")
+            rows.append(result)
+            continue
+        cell_args = cell_overrides(
+            cell, chunked=chunked, mapping=mapping, scales=scales, base_kd_keys=base_kd_keys, teacher_cache=cache,
+        )
+        cell_args += [f"max_steps_per_epoch={steps}", "epochs=1", f"metric_logger.log_dir={cell_dir / 'run' / 'logs'}"]
+        cell_args += list(overrides)
+        started = time.time()
+        print(f"[experiment] {index}/{len(cells)} {cell.name}: training {steps} steps ...", flush=True)
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        export = run_cell(
+            cell, recipe=recipe, workdir=checkout, config=config, out_dir=cell_dir / "run", overrides=cell_args,
+            env=env, log_file=cell_dir / "train.log",
+        )
+        metrics = heldout_metrics.evaluate_heldout(
+            {"student": export, "teacher": teacher_dir}, heldout, teacher="teacher",
+            seq_len=eval_seq_len, max_windows=eval_windows,
+        )["student"]
+        result = {"cell": cell.name, "setting": cell.setting, "divergence": cell.divergence, "ir": cell.ir,
+                  "seed": cell.seed, "heldout_ppl": metrics["perplexity"], "heldout_nll": metrics["nll"],
+                  "heldout_kl": metrics["kl_to_teacher"], "top1_agreement": metrics["top1_agreement"],
+                  "seconds": round(time.time() - started, 1),
+                  "teacher": "cache" if cache is not None and uses_cache(cell) else "live"}
+        (cell_dir / "result.json").write_text(json.dumps(result, indent=2))
+        rows.append(result)
+        print(f"[experiment]   ppl {result['heldout_ppl']:.3f}  KL to teacher {result['heldout_kl']:.4f}  agreement "
+              f"{result['top1_agreement']:.4f}  ({result['seconds']} s)")
+        # The run's training state (optimiser, weights) is not needed once evaluated. The run is this grid's own: it
+        # lies inside the cells/ entry the grid's folder lists.
+        state = cell_dir / "run" / "training_state"
+        if state.exists():
+            shutil.rmtree(state)
+    return rows
+
+
+SUMMARY_NOTE = ("n = seeds; ± = standard error over seeds; Δ is paired by seed (same data order) against ce_only; "
+                "* marks a paired t-test significant at 95% (|Δ| > t(n-1) · se, i.e. 4.3 se for 3 seeds).")
+
+
+def write_summary(out_dir: Path, rows: Sequence[Mapping[str, object]]) -> str:
+    """Write ``results.csv``, ``summary.csv`` and ``summary.md`` of a finished grid into ``out_dir`` and print the
+    tables: mean ± se per setting with Δ vs CE-only, and what cosine IR adds to each divergence (when the grid has
+    both IR settings). Returns the text of ``summary.md``."""
+    write_rows(out_dir / "results.csv", rows)
+    # Results written before the KL metric existed lack heldout_kl: it is summarised only when every cell has it.
+    metrics = (["heldout_ppl", "heldout_kl", "top1_agreement"] if all("heldout_kl" in r for r in rows)
+               else ["heldout_ppl", "top1_agreement"])
+    summary = summarise(rows, metrics)
+    table = summary_table(summary, metrics)
+    write_rows(out_dir / "summary.csv", summary)
+    print("\n" + table)
+    print(SUMMARY_NOTE)
+    text = table + "\n" + SUMMARY_NOTE + "\n"
+    effects = ir_effect(rows, metrics)
+    if effects:
+        ir_table = difference_table(effects, metrics, "divergence", "IR on − off")
+        ir_note = "What cosine IR adds to each divergence: <divergence>+ir_cosine − <divergence>+ir_off, paired by seed."
+        if any(r.get("teacher") == "cache" for r in rows):
+            ir_note += (" Caution: here the cells without IR read the teacher cache and the IR cells ran the teacher live, "
+                        "so this mixes IR with the cache's top-k coarsening (run without --teacher-cache to separate them).")
+        print("\n" + ir_table + ir_note)
+        text += "\n" + ir_table + "\n" + ir_note + "\n"
+    (out_dir / "summary.md").write_text(text)
+    return text
+
+
 def t_critical(df: int, confidence: float = 0.95) -> float:
     """Two-sided critical value of Student's t for ``df`` degrees of freedom (``n - 1`` paired differences).
 
@@ -310,14 +467,14 @@ def difference_table(
     """A markdown table of paired differences (from :func:`ir_effect` or :func:`compare_grids`), * = significant;
     ``extra`` names entry fields shown as columns after ``n``."""
     header = [key, "n", *extra] + [f"Δ {m} ({what})" for m in metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for entry in entries:
         cells = [str(entry[key]), str(entry["n"]), *(str(entry[field]) for field in extra)]
         for m in metrics:
             mark = " *" if entry[f"{m}_significant"] else ""
             cells.append(_fmt(float(entry[f"{m}_diff"]), float(entry[f"{m}_diff_se"])) + mark)
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def _fmt(mean: float, se: float, digits: int = 3) -> str:
@@ -326,10 +483,11 @@ def _fmt(mean: float, se: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {se:.{digits}f}" if not math.isnan(se) else f"{mean:.{digits}f}"
 
 
-def markdown_table(summary: Sequence[Mapping[str, object]], metrics: Sequence[str]) -> str:
-    """Mean ± se per setting, and Δ vs CE-only (paired by seed) with a * where a paired t-test rejects Δ = 0 at 95%."""
+def summary_table(summary: Sequence[Mapping[str, object]], metrics: Sequence[str]) -> str:
+    """Markdown: mean ± se per setting (:func:`summarise`), and Δ vs CE-only (paired by seed) with a * where a paired
+    t-test rejects Δ = 0 at 95%."""
     header = ["setting", "n"] + [m for m in metrics] + [f"Δ {m} vs {BASELINE}" for m in metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for entry in summary:
         cells = [str(entry["setting"]), str(entry["n"])]
         cells += [_fmt(entry[f"{m}_mean"], entry[f"{m}_se"]) for m in metrics]
@@ -339,8 +497,8 @@ def markdown_table(summary: Sequence[Mapping[str, object]], metrics: Sequence[st
                 cells.append(_fmt(entry[f"{m}_diff"], entry[f"{m}_diff_se"]) + mark)
             else:
                 cells.append("–")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def write_rows(path: Path, rows: Sequence[Mapping[str, object]]) -> None:

@@ -12,9 +12,11 @@ the highest scores, in their original order. :func:`evenly_spaced` is the score-
 :func:`write_pruned_student` writes the kept layers, renumbered ``0 .. n-1``, with the teacher's embeddings, final
 norm and output, as a Hugging Face folder loadable by torchtune's ``FullModelHFCheckpointer`` and by transformers;
 student layer ``i`` is teacher layer ``kept[i]``, so the matching ``layer_mapping`` is ``[[i, kept[i]], ...]``.
-``scripts/prune.py`` is the command (scores printed, folder and mapping written). The student's folder follows
-:mod:`torchtune_kd.output_folder`: claimed (new, empty or the writer's own) and every file recorded before it is
-written, so a user's file is never replaced, whatever its name (:func:`claim_student_folder`).
+:func:`calibration_text` and :func:`calibration_windows` turn a calibration file into the scored windows.
+``scripts/prune.py`` (:mod:`torchtune_kd.cli.prune`) is the command (scores printed, folder and mapping written).
+The student's folder follows :mod:`torchtune_kd.output_folder`: claimed (new, empty or the writer's own) and every
+file recorded before it is written, so a user's file is never replaced, whatever its name
+(:func:`claim_student_folder`).
 """
 
 from __future__ import annotations
@@ -120,6 +122,70 @@ def layer_mapping(kept: Sequence[int]) -> list[list[int]]:
     return [[student, int(teacher)] for student, teacher in enumerate(kept)]
 
 
+def calibration_text(path: Path) -> str:
+    """The text the layers are scored on: a plain-text file as it is, an alpaca-style JSON list (``.json``) as its
+    records' instruction / input / output text joined.
+
+    Raises:
+        ValueError: the file is missing, a folder, unreadable, not UTF-8, not a list of records, or holds no text;
+            the message names ``--calibration``, the path and the fix.
+    """
+    shown = f"--calibration={str(path)!r}"
+    if not path.exists():
+        raise ValueError(f"{shown} does not exist: give a plain-text file or an alpaca-style .json list")
+    if not path.is_file():
+        raise ValueError(f"{shown} is a folder: give a plain-text file or an alpaca-style .json list")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{shown} is not UTF-8 text: give a plain-text file or an alpaca-style .json list") from None
+    except OSError as err:
+        raise ValueError(f"{shown} cannot be read ({err.strerror or err})") from None
+    if path.suffix == ".json":
+        try:
+            records = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{shown} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError(f"{shown} is JSON but not a list of records: give an alpaca-style list of "
+                             "{instruction, input, output} records, or a plain-text file")
+        if not records:
+            raise ValueError(f"{shown} is an empty list ([]): give records with instruction / input / output text")
+        fields = ("instruction", "input", "output")
+        raw = "\n\n".join(" ".join(str(r.get(f) or "") for f in fields).strip() for r in records)
+    if not raw.strip():
+        raise ValueError(f"{shown} holds no text: give a file with the text to score the layers on")
+    return raw
+
+
+def calibration_windows(
+    tokenizer: Any, text: str, seq_len: int, max_windows: int, source: Optional[Path] = None
+) -> torch.Tensor:
+    """Non-overlapping windows of the text, each starting with bos as in training.
+
+    Args:
+        tokenizer (Any): a torchtune tokenizer (``encode(text, add_bos, add_eos)``, ``bos_id``).
+        text (str): the calibration text (:func:`calibration_text`).
+        seq_len (int): tokens per window, bos included.
+        max_windows (int): the most windows returned (the first ones).
+        source (Optional[Path]): the calibration file, named in the error.
+
+    Returns:
+        torch.Tensor: ``(num_windows, seq_len)`` token ids, ``num_windows <= max_windows``.
+
+    Raises:
+        ValueError: the text is shorter than one window (the message names ``--calibration`` and ``--seq-len``).
+    """
+    ids = tokenizer.encode(text, add_bos=False, add_eos=False)
+    body = seq_len - 1
+    windows = [[tokenizer.bos_id, *ids[start: start + body]] for start in range(0, len(ids) - body + 1, body)]
+    if not windows:
+        shown = f"--calibration={str(source)!r}" if source is not None else "--calibration"
+        raise ValueError(f"{shown} has {len(ids)} tokens, fewer than one window of --seq-len={seq_len}: give more "
+                         "text or a smaller --seq-len")
+    return torch.tensor(windows[:max_windows])
+
+
 def _weight_files(teacher_dir: Path, files: Optional[Iterable[str]]) -> list[Path]:
     if files is not None:
         return [teacher_dir / name for name in files]
@@ -211,6 +277,40 @@ def claim_student_folder(
                                                overwrite_hint=overwrite_hint)
     folder.claim(*student_entries(teacher_dir))
     return folder
+
+
+def recorded_settings(out_dir: PathLike, owner: str) -> tuple[bool, Optional[dict]]:
+    """Whether ``out_dir`` holds a complete student ``owner`` wrote, and the ``settings`` its record holds.
+
+    Reads only (nothing is claimed): a command compares its settings with the earlier ones before it claims the
+    folder. An unreadable record of ``owner``'s (an interrupted write) counts as no student: it is simply rewritten.
+    """
+    out_dir = Path(out_dir)
+    report = output_folder.inspect(out_dir)
+    record_path = out_dir / MARKER
+    if report.owner != owner or MARKER not in report.written or not record_path.is_file():
+        return False, None
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False, None
+    return True, record.get("settings") if isinstance(record, dict) else None
+
+
+def settings_change(before: Optional[dict], after: dict) -> str:
+    """What differs between two recorded pruning settings, in words (e.g. ``num_layers 20 -> 22``)."""
+    if not isinstance(before, dict):
+        return "settings not recorded"
+    changes = []
+    for key, value in after.items():
+        if before.get(key) != value:
+            if key == "teacher_files":
+                changes.append("the teacher's files changed")
+            elif key == "calibration_sha256":
+                changes.append("other calibration text")
+            else:
+                changes.append(f"{key} {before.get(key)!r} -> {value!r}")
+    return ", ".join(changes)
 
 
 def previous_record(folder: output_folder.OwnedFolder) -> Optional[dict[str, Any]]:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from recipe_utils import REPO, load_recipe_module, run_recipe, tiny_config
+from torchtune_kd.testing.recipes import REPO, load_recipe_module, run_recipe, tiny_config
 from torchtune_kd.core import preflight
 from torchtune_kd.evaluation import run_logs
 

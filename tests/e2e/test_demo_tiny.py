@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from recipe_utils import REPO
+from torchtune_kd.testing.recipes import REPO
 
 
 def test_demo_tiny_end_to_end(tmp_path):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torchtune_kd import tune_cli
 from torchtune_kd.core import checkpointing
 from torchtune_kd.evaluation import run_logs
-from recipe_utils import LORA_OVERRIDES, REPO, run_recipe, tiny_config
+from torchtune_kd.testing.recipes import LORA_OVERRIDES, REPO, run_recipe, tiny_config
 
 DIST_RECIPE = "recipes/knowledge_distillation_distributed.py"
 KIND = {"full": [], "lora": list(LORA_OVERRIDES)}
@@ -255,11 +255,19 @@ FAULTS = textwrap.dedent(
     class FailsOnRank1(kd_losses.ForwardKLWithChunkedOutputLoss):
         calls = 0
 
-        def token_sum(self, *args, **kwargs):
+        # The step calls one of the two (the divergence's diagnostics come with its value): fail in either.
+        def _count(self):
             FailsOnRank1.calls += 1
             if os.environ.get("RANK") == "1" and FailsOnRank1.calls == 3:
                 raise RuntimeError("injected failure in rank 1's step")
+
+        def token_sum(self, *args, **kwargs):
+            self._count()
             return super().token_sum(*args, **kwargs)
+
+        def token_sum_and_diagnostics(self, *args, **kwargs):
+            self._count()
+            return super().token_sum_and_diagnostics(*args, **kwargs)
     '''
 )
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from torchtune_kd import tune_cli
 from torchtune_kd.evaluation import run_logs
-from recipe_utils import LORA_OVERRIDES, REPO, tiny_config
+from torchtune_kd.testing.recipes import LORA_OVERRIDES, REPO, tiny_config
 
 STEPS = 3
 COMMON = [*LORA_OVERRIDES, f"max_steps_per_epoch={STEPS}", "epochs=1", "gradient_accumulation_steps=1",

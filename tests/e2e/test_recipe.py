@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from torchtune_kd import tune_cli
 from torchtune_kd.evaluation import run_logs
-from recipe_utils import LORA_OVERRIDES, REPO, load_recipe_module, run_recipe, tiny_config
+from torchtune_kd.testing.recipes import LORA_OVERRIDES, REPO, load_recipe_module, run_recipe, tiny_config
 
 RECIPE = load_recipe_module()
 
@@ -252,7 +252,7 @@ def test_compile_matches_eager(tiny_assets, assets_root, tmp_path):
 
     import kd_losses
 
-    assert _debug_get_cache_entry_list(kd_losses._Divergence._block_value_and_grad.__code__)
+    assert _debug_get_cache_entry_list(kd_losses.Divergence.block_value_and_grad.__code__)
     logits = torch.randn(2, 8, 1280, requires_grad=True)
     ce = compiled._losses.ce_token_sum(list(logits.chunk(4, dim=1)), torch.randint(0, 1280, (2, 8)))
     assert type(ce.grad_fn).__name__ == "CompiledFunctionBackward"

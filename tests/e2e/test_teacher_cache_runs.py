@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.recipe_utils import LORA_OVERRIDES, REPO, load_recipe_module, run_recipe, tiny_config
+from torchtune_kd.testing.recipes import LORA_OVERRIDES, REPO, load_recipe_module, run_recipe, tiny_config
 from torchtune_kd.core import preflight, teacher_cache
 from torchtune_kd.evaluation import run_logs
 

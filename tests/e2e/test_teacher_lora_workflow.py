@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from torchtune_kd import tune_cli
 from torchtune_kd.evaluation import lm_eval_runner, tables
-from recipe_utils import REPO, load_recipe_module, run_recipe, tiny_config
+from torchtune_kd.testing.recipes import REPO, load_recipe_module, run_recipe, tiny_config
 
 
 def test_teacher_lora_then_distil_then_export_then_lm_eval(tiny_assets, assets_root, tmp_path):

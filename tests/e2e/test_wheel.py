@@ -4,7 +4,7 @@ installed away from the checkout.
 The installed copy is tried in a scratch virtual environment that sees the project's dependencies (torch,
 torchtune, lm-eval, ...) but not the project itself: neither the checkout's ``src/`` (the editable install) nor its
 ``recipes`` hook, and with a working directory outside the checkout. About 15 s on 2 CPU cores (the build, the
-scratch environment, importing torch and lm-eval there), so not marked slow.
+scratch environment, importing torch and lm-eval there).
 """
 
 from __future__ import annotations

@@ -1,20 +1,24 @@
 """The recipes' output folder and checkpoint I/O (``torchtune_kd.core.checkpointing``), without running a recipe.
 
 What is the run's is decided by the shared marker (``torchtune_kd.output_folder``), never by a name; a failed
-write leaves the last complete save as it was; the resume checks name the old and the new value.
+write leaves the last complete save as it was; a save removes only its own temporaries; the resume checks name the
+old and the new value.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from torchtune_kd import output_folder
-from torchtune_kd.core import checkpointing
+from torchtune_kd.core import checkpointing, training_state
 
 MARKER = ".torchtune_kd_outputs.json"  # the shared rule's file name, spelled out independently of the module
 
@@ -32,9 +36,15 @@ def recipe_folder(out: Path, *entries: str) -> None:
     (out / MARKER).write_text(json.dumps({"format": 1, "owner": "torchtune-kd recipe", "written": list(entries)}))
 
 
-def fake_state(**entries) -> dict:
-    return {"seed": 0, "epochs_run": 0, "global_step": 2, "optimizer": {}, "trainable": {}, "dataloader": None,
-            "loss_scaling": {"method": "manual", "scales": {}, "running": {}}, **entries}
+def fake_state(**changes) -> training_state.TrainingState:
+    """A small, complete training state (an epoch end after step 2), with ``changes``."""
+    state = training_state.TrainingState(
+        seed=0, epochs_run=0, total_epochs=1, max_steps_per_epoch=None, global_step=2, steps_in_epoch=0,
+        dataloader=None, samples_in_epoch=0, global_batch=4, world_size=1, lr_schedule_steps=2, optimizer={},
+        trainable={"w": torch.zeros(2)}, projections=None, layer_pairs=[], settings={"batch_size": 4},
+        loss_scaling={"method": "manual", "scales": {}, "running": {}}, nonfinite_steps=0, rng={},
+    )
+    return dataclasses.replace(state, **changes)
 
 
 # ---------------------------------------------------------------------------------------------- output folder
@@ -149,14 +159,14 @@ def test_replace_dir_puts_the_old_folder_back_when_the_new_one_cannot_move_in(tm
     (final / "old.bin").write_bytes(b"old")
     staged.mkdir()
     (staged / "new.bin").write_bytes(b"new")
-    real_replace = checkpointing.os.replace
+    real_replace = os.replace
 
     def failing(src, dst):
         if Path(src) == staged:
             raise OSError(errno.ENOSPC, "No space left on device", str(dst))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(checkpointing.os, "replace", failing)
+    monkeypatch.setattr(os, "replace", failing)
     with pytest.raises(OSError):
         checkpointing.replace_dir(staged, final)
     assert (final / "old.bin").read_bytes() == b"old"
@@ -171,7 +181,7 @@ def test_a_half_written_state_never_replaces_the_last_complete_one(tmp_path, mon
         Path(path).write_bytes(b"half a fi")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(checkpointing.torch, "save", disk_full)
+    monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError):
         checkpointing.save_training_state(fake_state(global_step=3), out, step=3, keep_last_n=1)
     monkeypatch.undo()
@@ -181,6 +191,63 @@ def test_a_half_written_state_never_replaces_the_last_complete_one(tmp_path, mon
     message = str(error)
     assert f"output_dir={str(out)!r}" in message and "No space left on device" in message
     assert str(out / "training_state" / "step_2") in message and "resume_from_checkpoint=True" in message
+
+
+def test_an_atomic_save_that_fails_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "state.pt"
+    checkpointing.atomic_torch_save({"v": torch.ones(2)}, path)
+
+    def disk_full(obj, target):
+        Path(target).write_bytes(b"half a fi")
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        checkpointing.atomic_torch_save({"v": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(2))
+    assert sorted(p.name for p in path.parent.iterdir()) == [".state.pt.tmp", "state.pt"]
+    assert checkpointing.clean_leftovers(path.parent) == [path.parent / ".state.pt.tmp"]
+
+
+def test_cleaning_leftovers_removes_only_the_saves_own_temporaries(tmp_path):
+    folder, users = tmp_path / "adapters", tmp_path / "users_folder"
+    folder.mkdir()
+    users.mkdir()
+    (users / "keep.txt").write_text("the user's")
+    for name in (".epoch_0.staging", ".epoch_1.old"):
+        (folder / name).mkdir()
+        (folder / name / "adapter_model.pt").write_bytes(b"w")
+    (folder / ".adapter_model.pt.tmp").write_bytes(b"half")
+    (folder / ".epoch_2.old").symlink_to(users)  # a link is removed, never what it points to
+    kept = ["epoch_0", ".hidden", "notes.tmp", "staging", ".epoch_3"]
+    for name in kept:
+        (folder / name).write_text("mine")
+    removed = checkpointing.clean_leftovers(folder, tmp_path / "absent")
+    assert sorted(p.name for p in removed) == [".adapter_model.pt.tmp", ".epoch_0.staging", ".epoch_1.old", ".epoch_2.old"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(kept)
+    assert (users / "keep.txt").read_text() == "the user's"
+
+
+def test_only_complete_step_folders_hold_training_states_and_the_newest_are_kept(tmp_path):
+    out = tmp_path / "out"
+    for step in (1, 2, 3):
+        checkpointing.save_training_state(fake_state(global_step=step), out, step=step, keep_last_n=2)
+    assert [step for step, _ in checkpointing.list_training_states(out)] == [2, 3]
+    root = out / "training_state"
+    (root / "recipe_state.pt").write_bytes((root / "step_3" / "recipe_state.pt").read_bytes())  # outside a step folder
+    (root / "step_9").mkdir()  # a save that died before its state file was renamed into place
+    assert checkpointing.latest_training_state(out) == root / "step_3" / "recipe_state.pt"
+    assert checkpointing.clean_incomplete_states(out) == [root / "step_9"]
+    assert checkpointing.latest_training_state(tmp_path / "new") is None
+
+
+def test_non_finite_weights_are_refused_by_name(tmp_path):
+    weights = {"ok": torch.ones(3), "bad": torch.tensor([1.0, float("nan"), float("inf")]), "ids": torch.arange(3)}
+    assert checkpointing.non_finite_tensors(weights) == [("bad", 2)]
+    with pytest.raises(checkpointing.CheckpointError, match=r"refusing to save the projections: 1 tensor\(s\).*bad \(2\)"):
+        checkpointing.require_finite(weights, "the projections")
+    checkpointing.require_finite({"ok": torch.ones(3)}, "the projections")
 
 
 def test_a_failed_first_save_says_nothing_was_saved(tmp_path):
@@ -210,7 +277,7 @@ def test_a_mid_epoch_state_with_another_global_batch_is_named(tmp_path):
     message = checkpointing.global_batch_problem(state, path, batch_size=2, gradient_accumulation_steps=2, world_size=2)
     assert "global batch of 4 samples (batch_size=2 x gradient_accumulation_steps=2 x 1 process(es))" in message
     assert "this run has 2 with 8" in message and "epoch-end" in message
-    at_epoch_end = {**state, "dataloader": None}
+    at_epoch_end = dataclasses.replace(state, dataloader=None)
     assert checkpointing.global_batch_problem(at_epoch_end, path, batch_size=8, gradient_accumulation_steps=1, world_size=1) is None
 
 
@@ -234,7 +301,3 @@ def test_an_lr_schedule_change_states_both_lengths_and_lrs(tmp_path):
     assert "schedule of 3 steps" in message and "spans 6" in message
     assert f"from 0 (where the run stood after step 3) to {resumed:.6g}" in message
     assert "cannot keep the old schedule" in message and f"checkpoint_dir={tmp_path / 'epoch_0'}" in message
-    # A state written before the length was recorded: total_epochs x steps per epoch.
-    older = fake_state(global_step=3, epochs_run=1, total_epochs=1)
-    assert "schedule of 3 steps" in checkpointing.lr_schedule_change(
-        older, schedule_steps=6, steps_per_epoch=3, ended_lr=0.0, resumed_lr=resumed, output_dir=tmp_path)

@@ -1,23 +1,20 @@
-"""scripts/demo.py's arguments: every bad value is refused with its option named before anything is built or any
+"""scripts/demo.py's (torchtune_kd.cli.demo) arguments: every bad value is refused with its option named before anything is built or any
 folder is touched; nothing is silently replaced by a default or read as another option."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from torchtune_kd.cli import demo as demo_command
 
 
 @pytest.fixture()
 def demo(monkeypatch):
-    """The demo module, with every stage-1 set-up failing the test if reached."""
-    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """The demo's command module, with every stage-1 set-up failing the test if reached."""
+    module = demo_command
 
     def heavy(*args, **kwargs):
         raise AssertionError("stage 1 started before the refusal")

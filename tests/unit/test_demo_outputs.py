@@ -1,33 +1,25 @@
-"""scripts/demo.py's folders: --out and --cache are new, empty or the demo's own (torchtune_kd.output_folder); a rerun
+"""scripts/demo.py's (torchtune_kd.cli.demo) folders: --out and --cache are new, empty or the demo's own (torchtune_kd.output_folder); a rerun
 replaces exactly what the demo's marker lists in --out and reuses the cache; a folder holding anything else is
 refused before stage 1, untouched; the set-up's library calls claim their cache entries before writing them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from torchtune_kd import output_folder
+from torchtune_kd.cli import demo as demo_command
 from torchtune_kd.output_folder import MARKER
 
-REPO = Path(__file__).resolve().parents[2]
 OWNER = "scripts/demo.py"
-
-
-def _demo():
-    spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture()
 def demo(monkeypatch):
-    """The demo module, with every stage-1 set-up failing the test if reached."""
-    module = _demo()
+    """The demo's command module, with every stage-1 set-up failing the test if reached."""
+    module = demo_command
 
     def heavy(*args, **kwargs):
         raise AssertionError("stage 1 started before the refusal")
@@ -150,7 +142,7 @@ def test_out_and_cache_must_be_separate_folders(demo, tmp_path, out, cache):
 def test_text_preparation_claims_its_entries_in_the_demos_cache(tmp_path):
     from torchtune_kd.data import text as text_data
 
-    demo = _demo()
+    demo = demo_command
     folder = output_folder.claim_output_folder(tmp_path / "cache", owner=OWNER, option="--cache")
     paths = text_data.prepare_text_data(folder, use_gensim=False, max_train=8)
     assert paths["train"].is_file()

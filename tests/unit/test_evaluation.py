@@ -8,29 +8,23 @@ definitions) to show lm-eval scored the folder we gave on the documents we ship.
 from __future__ import annotations
 
 import csv
-import functools
-import importlib.util
+import importlib
 import io
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from torchtune_kd.evaluation import lm_eval_runner, lm_eval_tasks, plots, run_logs, tables
+from torchtune_kd.testing.crafted_files import NAN_TENSOR, poison, write_disk_log
 
-REPO = Path(__file__).resolve().parents[2]
-LIMIT = 8
 
 
 def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command module behind ``scripts/<name>.py``."""
+    return importlib.import_module(f"torchtune_kd.cli.{name}")
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -154,23 +148,6 @@ def test_refuses_incomplete_folders(tiny_assets, tmp_path):
         lm_eval_runner.validate_model_dir(no_tok)
 
 
-NAN_TENSOR = "model.layers.1.mlp.up_proj.weight"
-
-
-def _poison(folder: Path, file_name: str = "model.safetensors", tensor: str = NAN_TENSOR, value: float = math.nan,
-            count: int = 3) -> None:
-    """Overwrite ``count`` entries of one tensor of a safetensors file with ``value`` (what a diverged run exports)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    path = folder / file_name
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(path)
-    tensors[tensor].view(-1)[:count] = value
-    save_file(tensors, path, metadata=metadata)
-
-
 def _shard(folder: Path) -> list[str]:
     """Split the folder's model.safetensors into two shards plus an index, as large exports are written."""
     from safetensors.torch import load_file, save_file
@@ -191,7 +168,7 @@ def _shard(folder: Path) -> list[str]:
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_refuses_non_finite_weights(tiny_assets, tmp_path, value):
     folder = _copy_model(tiny_assets["student_dir"], tmp_path / "epoch_0")
-    _poison(folder, value=value, count=3)
+    poison(folder, value=value, count=3)
     expected = (
         f"model folder {str(folder.resolve())!r}: model.safetensors tensor '{NAN_TENSOR}' has 3 non-finite values "
         r"\(NaN/inf\) out of \d+: the run diverged \(or the export is corrupt\); evaluate an earlier checkpoint."
@@ -213,7 +190,7 @@ def test_refuses_non_finite_weights_in_a_sharded_folder(tiny_assets, tmp_path):
 
     with safe_open(str(folder / second), framework="pt") as handle:
         tensor = sorted(handle.keys())[-1]
-    _poison(folder, file_name=second, tensor=tensor, count=1)
+    poison(folder, file_name=second, tensor=tensor, count=1)
     with pytest.raises(ValueError, match=rf"{second} tensor '{tensor}' has 1 non-finite values"):
         lm_eval_runner.validate_model_dir(folder)
 
@@ -224,30 +201,6 @@ def test_refuses_unreadable_safetensors(tiny_assets, tmp_path):
     (folder / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
     with pytest.raises(ValueError, match=r"model.safetensors cannot be read as safetensors .*git-lfs"):
         lm_eval_runner.validate_model_dir(folder)
-
-
-def test_script_refuses_non_finite_weights_before_evaluating(tiny_assets, tmp_path, capsys):
-    folder = _copy_model(tiny_assets["student_dir"], tmp_path / "epoch_0")
-    _poison(folder)
-    evaluate = _load_script("evaluate")
-    out = tmp_path / "out"
-    rc = evaluate.main(["--model", f"ok={tiny_assets['student_dir']}", "--model", f"bad={folder}",
-                        "--output-dir", str(out), "--limit", "2"])
-    assert rc == 2
-    err = capsys.readouterr().err
-    folder_name = str(folder.resolve())
-    assert f"error: model folder {folder_name!r}: model.safetensors tensor '{NAN_TENSOR}' has 3 non-finite" in err
-    assert not (out / "ok").exists()  # refused before the clean model was scored
-    # As users run it: exit status 2, the one-line message, no traceback.
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--model", str(folder), "--output-dir", str(out),
-         "--limit", "2"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert f"model.safetensors tensor '{NAN_TENSOR}' has 3 non-finite values (NaN/inf)" in proc.stderr
-    assert "evaluate an earlier checkpoint" in proc.stderr and "Traceback" not in proc.stderr
-    assert not out.exists()
 
 
 def test_online_data_refused_while_hub_access_is_off(tiny_assets, tmp_path, monkeypatch, capsys):
@@ -354,134 +307,14 @@ def test_build_comparison_refuses_incomparable_results():
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-@pytest.fixture(scope="module")
-def evaluated(tiny_assets, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval")
-    evaluate = _load_script("evaluate")
-    rc = evaluate.main([
-        "--model", f"student={tiny_assets['student_dir']}", "--model", f"teacher={tiny_assets['teacher_dir']}",
-        "--baseline", "student", "--limit", str(LIMIT), "--batch_size", "8", "--device", "cpu",
-        "--data", "offline", "--log-samples", "--output-dir", str(out),
-    ])
-    assert rc == 0
-    return out
-
-
-def test_evaluate_writes_results_with_every_metric_and_stderr(evaluated):
-    for name in ("student", "teacher"):
-        results = json.loads((evaluated / name / "results.json").read_text())
-        assert results["torchtune_kd"]["data"] == "offline"
-        for task, metrics in tables.TASK_METRICS.items():
-            assert results["n-samples"][task]["effective"] == LIMIT
-            for metric in metrics:
-                value = results["results"][task][f"{metric},none"]
-                stderr = results["results"][task][f"{metric}_stderr,none"]
-                assert isinstance(value, float) and 0.0 <= value <= 1.0
-                assert isinstance(stderr, float) and stderr >= 0.0
-    rows = list(csv.DictReader(io.StringIO((evaluated / "comparison.csv").read_text())))
-    assert len(rows) == 2 * 4 and {r["baseline"] for r in rows} == {"student"}
-    md = (evaluated / "comparison.md").read_text()
-    assert "NOT the real benchmarks" in md and "| teacher |" in md and "(Δ " in md
-
-
-@functools.lru_cache(maxsize=2)
-def _load_float64(model_dir: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
-
-
-def _rescore(model_dir: str, pairs: list[list[str]]) -> list[float]:
-    """log P(continuation | context) for (context, continuation) pairs, float64, lm-eval's token split.
-
-    All pairs go through one right-padded forward: with causal attention, padding after a sequence cannot change
-    the logits at its real positions.
-    """
-    import torch
-
-    tokenizer, model = _load_float64(model_dir)
-    wholes = [tokenizer.encode(context + continuation) for context, continuation in pairs]
-    starts = [len(tokenizer.encode(context)) for context, _ in pairs]
-    width = max(map(len, wholes))
-    ids = torch.tensor([w + [0] * (width - len(w)) for w in wholes])
-    mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in wholes])
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), dim=-1)
-    return [
-        math.fsum(logprobs[b, i - 1, w[i]].item() for i in range(start, len(w)))
-        for b, (w, start) in enumerate(zip(wholes, starts))
-    ]
-
-
-def _mean_and_stderr(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = math.fsum(values) / n
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
-def test_scores_are_the_given_model_on_the_shipped_documents(evaluated, tiny_assets):
-    results = json.loads((evaluated / "student" / "results.json").read_text())["results"]
-
-    # commonsense_qa: acc = mean over documents of [argmax_choice log P(" X" | prompt) == answerKey].
-    docs = _jsonl(lm_eval_tasks.OFFLINE_DATA_DIR / "commonsense_qa" / "validation.jsonl")[:LIMIT]
-    samples = sorted(_jsonl(evaluated / "student" / "samples_commonsense_qa.jsonl"), key=lambda s: s["doc_id"])
-    assert [s["doc"] for s in samples] == docs  # the local file, not the hub dataset
-    hits = []
-    for sample, doc in zip(samples, docs):
-        assert sample["arguments"][0][0].startswith(f"Question: {doc['question']}")
-        ll = _rescore(tiny_assets["student_dir"], sample["arguments"])
-        assert [r[0][0] for r in sample["resps"]] == pytest.approx(ll, abs=2e-4)
-        hits.append(float("ABCDE"[max(range(5), key=ll.__getitem__)] == doc["answerKey"]))
-    acc, stderr = _mean_and_stderr(hits)
-    assert results["commonsense_qa"]["acc,none"] == pytest.approx(acc, abs=1e-12)
-    assert results["commonsense_qa"]["acc_stderr,none"] == pytest.approx(stderr, abs=1e-12)
-
-    # truthfulqa_mc2: per document, the normalised probability mass of the true answers.
-    docs = _jsonl(lm_eval_tasks.OFFLINE_DATA_DIR / "truthfulqa_mc2" / "validation.jsonl")[:LIMIT]
-    samples = sorted(_jsonl(evaluated / "student" / "samples_truthfulqa_mc2.jsonl"), key=lambda s: s["doc_id"])
-    mass = []
-    for sample, doc in zip(samples, docs):
-        assert sample["arguments"][0][0].endswith(f"Q: {doc['question']}\nA:")
-        assert [a[1] for a in sample["arguments"]] == [" " + c for c in doc["mc2_targets"]["choices"]]
-        probs = [math.exp(v) for v in _rescore(tiny_assets["student_dir"], sample["arguments"])]
-        mass.append(math.fsum(p for p, label in zip(probs, doc["mc2_targets"]["labels"]) if label) / math.fsum(probs))
-    acc, stderr = _mean_and_stderr(mass)
-    assert results["truthfulqa_mc2"]["acc,none"] == pytest.approx(acc, abs=1e-4)
-    assert results["truthfulqa_mc2"]["acc_stderr,none"] == pytest.approx(stderr, abs=1e-4)
-
-    # The teacher was scored with its own weights: its log-likelihoods differ from the student's.
-    teacher = sorted(_jsonl(evaluated / "teacher" / "samples_commonsense_qa.jsonl"), key=lambda s: s["doc_id"])
-    assert teacher[0]["resps"] != samples[0]["resps"]
 
 
 # ------------------------------------------------------------------------------------------------ run logs and plots
-def _write_log(path: Path, steps: range, with_ir: bool, offset: float = 0.0) -> dict:
-    """Write a log through torchtune's own DiskLogger; return what was logged."""
-    import torch
-    from torchtune.training.metric_logging import DiskLogger
-
-    logged: dict[str, list] = {}
-    logger = DiskLogger(log_dir=str(path.parent), filename=path.name)
-    for step in steps:
-        payload = {
-            "loss": 3.0 / step + offset, "ce_loss": 2.5 / step, "kd_loss": 0.1 * step, "grad_norm": 1.0 + step / 7,
-            "lr": 3e-4, "weight/ce": 0.5, "weight/kd": 0.3,
-        }
-        if with_ir:
-            payload.update({"ir_loss": 1.0 / (step + 1), "ir_loss/0-1": 0.9 / step, "weight/ir": 0.2})
-        logger.log_dict(payload, step=step)
-        for name, value in payload.items():
-            logged.setdefault(name, []).append((step, float(value)))
-    logger.log("kd/top1_agreement", torch.tensor(0.25), step=steps[-1])  # single-metric line, tensor value
-    logged["kd/top1_agreement"] = [(steps[-1], 0.25)]
-    logger.close()
-    return logged
 
 
 def test_parse_disk_log_reads_torchtune_format(tmp_path):
     path = tmp_path / "run" / "logs" / "log_1.txt"
-    logged = _write_log(path, range(1, 6), with_ir=True)
+    logged = write_disk_log(path, range(1, 6), with_ir=True)
     with open(path, "a") as handle:
         handle.write("Writing logs to somewhere\nStep 9 | loss:nan? broken\n")
     parsed = run_logs.parse_disk_log(path)
@@ -494,8 +327,8 @@ def test_parse_disk_log_reads_torchtune_format(tmp_path):
 
 def test_read_run_logs_merges_resumed_launches(tmp_path):
     logs = tmp_path / "kd_run" / "logs"
-    _write_log(logs / "log_100.txt", range(1, 5), with_ir=False)
-    _write_log(logs / "log_200.txt", range(4, 7), with_ir=False, offset=10.0)  # resumed at step 4
+    write_disk_log(logs / "log_100.txt", range(1, 5), with_ir=False)
+    write_disk_log(logs / "log_200.txt", range(4, 7), with_ir=False, offset=10.0)  # resumed at step 4
     for target in (tmp_path / "kd_run", logs):
         label, metrics = run_logs.read_run_logs(target)
         assert label == "kd_run"
@@ -511,30 +344,6 @@ def test_select_plot_panels_groups_weights_and_skips_absent_metrics():
             "b": {"grad_norm": [(1, 2.0)], "kd_loss": []}}
     assert plots.select_plot_panels(runs) == [("loss", ["loss"]), ("weight/*", ["weight/ce", "weight/kd"]), ("grad_norm", ["grad_norm"])]
     assert plots.select_plot_panels(runs, ["lr", "kd/*", "ir_loss"]) == [("lr", ["lr"])]
-
-
-def test_plot_run_one_and_two_runs(tmp_path):
-    _write_log(tmp_path / "jsd" / "logs" / "log_1.txt", range(1, 11), with_ir=True)
-    _write_log(tmp_path / "fkl" / "logs" / "log_1.txt", range(1, 11), with_ir=False, offset=0.5)
-    plot_run = _load_script("plot_run")
-    one = tmp_path / "one.png"
-    assert plot_run.main([str(tmp_path / "jsd" / "logs" / "log_1.txt"), "--out", str(one)]) == 0
-    # The two-run overlay through the command line, as users run it.
-    two = tmp_path / "two.png"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "plot_run.py"), str(tmp_path / "jsd"), str(tmp_path / "fkl"),
-         "--labels", "JSD,forward-KL", "--out", str(two)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "loss, ce_loss, kd_loss, ir_loss, weight/ce, weight/ir, weight/kd, grad_norm" in proc.stdout
-    for png in (one, two):
-        data = png.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    assert one.read_bytes() != two.read_bytes()
-    with pytest.raises(SystemExit):
-        plot_run.main([str(tmp_path / "jsd"), "--labels", "a,b", "--out", str(tmp_path / "x.png")])
-    assert plot_run.main([str(tmp_path / "jsd"), "--metrics", "nothing_here", "--out", str(tmp_path / "x.png")]) == 2
 
 
 def test_a_plot_never_replaces_an_existing_file_unasked(tmp_path):

@@ -2,7 +2,6 @@
 
 import math
 import statistics
-from pathlib import Path
 
 import pytest
 
@@ -66,7 +65,7 @@ def test_summary_pairs_by_seed_and_uses_the_t_distribution():
     c = {e["setting"]: e for e in experiment.summarise(rows2, ["ppl"])}["c"]
     assert c["ppl_diff"] / c["ppl_diff_se"] == pytest.approx(2 * math.sqrt(3), rel=1e-6)  # 3.46 se
     assert not c["ppl_significant"]
-    table = experiment.markdown_table(experiment.summarise(rows, ["ppl"]), ["ppl"])
+    table = experiment.summary_table(experiment.summarise(rows, ["ppl"]), ["ppl"])
     assert "| a | 3 |" in table and " *" in table
 
 
@@ -132,12 +131,9 @@ def test_run_cell_needs_a_recipe_inside_its_working_directory(tmp_path):
 
 
 def test_compare_grids_script_reads_two_grid_folders(tmp_path, capsys):
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location("compare_grids", Path(__file__).resolve().parents[2] / "scripts" / "compare_grids.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from torchtune_kd.cli import compare_grids as script
     for grid, shift in (("live", 0.0), ("cache", 0.5)):
         for seed in range(3):
             for row in (_row("ce_only", "off", seed), _row("forward_kl", "off", seed)):
@@ -148,10 +144,47 @@ def test_compare_grids_script_reads_two_grid_folders(tmp_path, capsys):
                 folder.mkdir(parents=True)
                 (folder / "result.json").write_text(json.dumps({**row, "cell": cell.name, "teacher": grid, **values}))
     out = tmp_path / "compare.md"
-    assert script.main([str(tmp_path / "live"), str(tmp_path / "cache"), "--labels", "live,cache", "--out", str(out)]) == 0
+    argv = [str(tmp_path / "live"), str(tmp_path / "cache"), "--labels", "live,cache", "--out", str(out)]
+    assert script.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| forward_kl+ir_off | 3 | live / cache | 0.500 ± 0.000 * |" in printed
     assert "| ce_only | 3 | live / cache | 0.000 ± 0.000 |" in printed and "Δ heldout_ppl (cache − live)" in printed
     assert out.read_text().startswith("| setting | n |")
     with pytest.raises(SystemExit, match="no finished cells"):
         script.main([str(tmp_path / "live"), str(tmp_path / "nowhere")])
+
+
+def test_a_finished_grid_is_read_back_without_a_run_and_summarised(tmp_path, monkeypatch, capsys):
+    import json
+
+    from torchtune_kd import output_folder, tune_cli
+
+    monkeypatch.setattr(tune_cli, "tune_run", lambda *a, **k: pytest.fail("a finished cell was run again"))
+    config = tmp_path / "base.yaml"
+    config.write_text("teacher_checkpointer: {checkpoint_dir: /teacher}\n"
+                      "kd_loss: {_component_: kd_losses.ForwardKLWithChunkedOutputLoss}\n")
+    out = output_folder.claim_output_folder(tmp_path / "grid", owner="test", option="--out")
+    out.claim("command.txt", "cells", "results.csv", "summary.csv", "summary.md")
+    cells = experiment.grid(["jsd"], ["off"], [0, 1])
+    for cell in cells:
+        (out.path / "cells" / cell.name).mkdir(parents=True)
+        row = _row(cell.divergence, cell.ir, cell.seed, heldout_ppl=10.0 + cell.seed - (cell.divergence == "jsd"),
+                   heldout_kl=0.5, top1_agreement=0.4)
+        (out.path / "cells" / cell.name / "result.json").write_text(json.dumps(row))
+
+    rows = experiment.run_grid(
+        cells, out, checkout=tmp_path, recipe=tmp_path / "recipe.py", config=config, overrides=[], command="grid --x",
+        steps=2, mapping="auto", scales={"ce": 0.5, "kd": 0.5, "ir": 0.0}, heldout=tmp_path / "heldout.txt",
+        eval_seq_len=8, eval_windows=1,
+    )
+    assert [(r["setting"], r["seed"]) for r in rows] == [(c.setting, c.seed) for c in cells]
+    assert (out.path / "command.txt").read_text() == "grid --x\n"
+    assert "done before, skipped" in capsys.readouterr().out
+
+    text = experiment.write_summary(out.path, rows)
+    assert (out.path / "summary.md").read_text() == text
+    assert text.startswith("| setting | n | heldout_ppl | heldout_kl | top1_agreement |")
+    assert "| jsd+ir_off | 2 | 9.500 ± 0.500 |" in text and experiment.SUMMARY_NOTE in text
+    assert "IR on − off" not in text  # one IR setting only: no IR effect table
+    assert (out.path / "results.csv").read_text().splitlines()[0].startswith("setting,divergence,ir,seed")
+    assert (out.path / "summary.csv").is_file()

@@ -37,7 +37,7 @@ def _loss_and_grad(loss: torch.nn.Module, student: torch.Tensor, teacher: torch.
                    requires_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The loss (through the hand-derived-gradient path when ``requires_grad``) and the student's gradient."""
     leaf = student.clone().requires_grad_(requires_grad)
-    if isinstance(loss, kd_losses._ChunkedOutputMixin):
+    if isinstance(loss, kd_losses.ChunkedOutputMixin):
         value = loss(list(leaf.chunk(CHUNKS, dim=1)), list(teacher.chunk(CHUNKS, dim=1)), labels)
     else:
         value = loss(leaf, teacher, labels)

@@ -298,7 +298,7 @@ def test_ignored_rows_may_hold_anything(name):
         grads = []
         for student, teacher in ((s, t), (s_bad, t_bad)):
             leaf = student.clone().requires_grad_(True)
-            chunked = isinstance(loss, kd_losses._ChunkedOutputMixin)
+            chunked = isinstance(loss, kd_losses.ChunkedOutputMixin)
             args = (list(leaf.chunk(3, 1)), list(teacher.chunk(3, 1))) if chunked else (leaf, teacher)
             value = loss(*args, labels)
             value.backward()
@@ -314,8 +314,8 @@ def test_both_ways_of_zeroing_ignored_rows_agree():
     grad[4] = float("nan")
     grad[7] = float("-inf")
     keep = torch.tensor([True, True, False, True, False, True, True, False, True])
-    by_index = kd_losses._zero_ignored_rows(grad.clone(), keep, by_index=True)
-    masked = kd_losses._zero_ignored_rows(grad.clone(), keep, by_index=False)
+    by_index = kd_losses.zero_ignored_rows(grad.clone(), keep, by_index=True)
+    masked = kd_losses.zero_ignored_rows(grad.clone(), keep, by_index=False)
     assert torch.equal(by_index, masked)
     assert torch.equal(by_index[~keep], torch.zeros(3, 13)) and torch.equal(by_index[keep], grad[keep])
 

@@ -316,7 +316,7 @@ def test_all_ignored_gives_zero_with_zero_gradients(name):
     teacher = cache_fp32(t, 4)
     for loss in (make(name), make(name, chunked=True, chunks=4)):
         leaf = s.clone().requires_grad_(True)
-        student = list(leaf.chunk(4, 1)) if isinstance(loss, kd_losses._ChunkedOutputMixin) else leaf
+        student = list(leaf.chunk(4, 1)) if isinstance(loss, kd_losses.ChunkedOutputMixin) else leaf
         value = loss(student, teacher, labels)
         value.backward()
         assert value.item() == 0.0

@@ -17,7 +17,7 @@ import pytest
 from torchtune_kd.core import preflight
 from omegaconf import OmegaConf
 
-from recipe_utils import TINY_CONFIG, tiny_config
+from torchtune_kd.testing.recipes import TINY_CONFIG, tiny_config
 
 
 def validate(assets_root: Path, tmp_path: Path, *overrides: str, **kwargs):

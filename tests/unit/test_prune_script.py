@@ -1,20 +1,18 @@
-"""scripts/prune.py's output folder and arguments: a user's files are never replaced, every problem is named
-(option or file, value, fix) before the teacher is loaded, and an identical earlier pruning is reused."""
+"""scripts/prune.py's (torchtune_kd.cli.prune) output folder and arguments: a user's files are never replaced, every
+problem is named (option or file, value, fix) before the teacher is loaded, and an identical earlier pruning is
+reused."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from recipe_utils import REPO, tiny_config
 from torchtune_kd import output_folder, pruning
-
-sys.path.insert(0, str(REPO / "scripts"))
-import prune  # noqa: E402
+from torchtune_kd.cli import prune
+from torchtune_kd.testing.recipes import tiny_config
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

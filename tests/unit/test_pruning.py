@@ -4,7 +4,6 @@ student against the teacher, and the command end to end."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from torchtune_kd import pruning
-from recipe_utils import REPO, tiny_config
+from torchtune_kd.cli import prune, pruning_report
+from torchtune_kd.testing.recipes import tiny_config
 
 
 def load_llama(folder: str, kwargs: dict, scratch: Path):
@@ -126,9 +126,6 @@ def test_student_holds_the_kept_layers_renumbered(tiny_assets, tmp_path):
 def test_prune_command_prints_scores_and_writes_a_loadable_student(tiny_assets, assets_root, tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    import prune
-
     cfg = tiny_config(assets_root, tmp_path / "o")
     OmegaConf.save(cfg, tmp_path / "cfg.yaml")
     out = tmp_path / "student"
@@ -157,9 +154,6 @@ def test_prune_command_prints_scores_and_writes_a_loadable_student(tiny_assets, 
 
 def test_pruning_report_prunes_both_ways_and_prints_the_metrics(tiny_assets, assets_root, tmp_path, capsys):
     from omegaconf import OmegaConf
-
-    sys.path.insert(0, str(REPO / "scripts"))
-    import pruning_report
 
     cfg = tiny_config(assets_root, tmp_path / "o")
     OmegaConf.save(cfg, tmp_path / "cfg.yaml")

@@ -1,22 +1,23 @@
 """Every script that writes follows the output-folder rule (torchtune_kd.output_folder / output_file).
 
-Pointed at a folder holding a user's file (or, for an option naming one file, at a user's file), each script exits
-non-zero before any heavy work, naming the folder, and leaves the user's file byte-identical and nothing new beside
-it. "Before any heavy work" is checked, not trusted: the calls that start the work (building the stand-ins, loading a
-model, starting a run or a subprocess) are replaced by stubs that raise :class:`HeavyWorkStarted`. Pointed at a new
-folder, a script marks it as its own (the marker names the script) before that work starts.
+Each ``scripts/<name>.py`` runs ``torchtune_kd.cli.<name>.main``; the tests call that function. Pointed at a folder
+holding a user's file (or, for an option naming one file, at a user's file), each command exits non-zero before any
+heavy work, naming the folder, and leaves the user's file byte-identical and nothing new beside it. "Before any heavy
+work" is checked, not trusted: the calls that start the work (building the stand-ins, loading a model, starting a
+run or a subprocess) are replaced by stubs that raise :class:`HeavyWorkStarted`. Pointed at a new folder, a command
+marks it as its own (the marker names the script) before that work starts.
 
 Also: every ``argparse.ArgumentParser`` (and sub-parser) in scripts/, recipes/ and src/ is built with
-``allow_abbrev=False``, so that a shortened or mistyped option is an error, never silently another option.
+``allow_abbrev=False``, so that a shortened or mistyped option is an error, never silently another option; every
+script is a thin entry point of its command module, and no code edits ``sys.path`` or loads a module by file path
+(only the install hook ``torchtune_kd.recipes_path`` puts the checkout on ``sys.path``).
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -37,15 +38,13 @@ class HeavyWorkStarted(BaseException):
 
 
 def load_script(name: str) -> ModuleType:
-    """A fresh module of ``scripts/<name>.py`` (its top level run, its main not)."""
-    spec = importlib.util.spec_from_file_location(f"script_outputs_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command module behind ``scripts/<name>.py`` (``torchtune_kd.cli.<name>``)."""
+    return importlib.import_module(f"torchtune_kd.cli.{name}")
 
 
 def _resolve(script: ModuleType, spec: str) -> tuple[Any, str]:
-    """``"pkg.module:attr"`` (or ``"script:attr"``, ``"pkg.module:Class.attr"``) -> (owner object, attribute)."""
+    """``"pkg.module:attr"`` (or ``"script:attr"`` for the command module, ``"pkg.module:Class.attr"``) -> (owner
+    object, attribute)."""
     module_name, _, dotted = spec.partition(":")
     owner: Any = script if module_name == "script" else importlib.import_module(module_name)
     *parents, attr = dotted.split(".")
@@ -142,7 +141,7 @@ CASES = {
     "profile_recipe --output-dir": Case(
         "profile_recipe", "--output-dir",
         lambda tmp, t, a: [str(REPO / "configs" / "tiny_cpu.yaml"), "--output-dir", str(t)],
-        ("recipe_utils:load_recipe_module",), owner="scripts/profile_recipe.py"),
+        ("torchtune_kd.testing.recipes:load_recipe_module",), owner="scripts/profile_recipe.py"),
     "distributed_check equivalence --workdir": Case(
         "distributed_check", "--workdir", lambda tmp, t, a: ["equivalence", "--workdir", str(t)], (BUILD, RUN),
         owner="scripts/distributed_check.py"),
@@ -370,8 +369,8 @@ def _parser_calls() -> list[tuple[str, int, Optional[bool]]]:
 
 def test_every_argument_parser_refuses_abbreviated_options():
     calls = _parser_calls()
-    scripts = {path for path, _, _ in calls if path.startswith("scripts/")}
-    assert len(scripts) >= 14, scripts  # the scan finds the scripts' parsers (a broken scan must not pass)
+    commands = {path for path, _, _ in calls if path.startswith("src/torchtune_kd/cli/")}
+    assert len(commands) >= 14, commands  # the scan finds the commands' parsers (a broken scan must not pass)
     missing = [f"{path}:{line}" for path, line, value in calls if value is not False]
     assert not missing, f"argparse parsers without allow_abbrev=False: {missing}"
 
@@ -381,3 +380,68 @@ def test_an_abbreviated_option_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         script.main([str(tmp_path), str(tmp_path), "--over"])
     assert exit.value.code == 2 and "--over" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ thin scripts
+
+
+def _script_files() -> list[Path]:
+    return sorted((REPO / "scripts").glob("*.py"))
+
+
+def test_every_script_only_calls_its_command_module():
+    scripts = _script_files()
+    assert len(scripts) >= 14, scripts
+    for path in scripts:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+        command = f"torchtune_kd.cli.{path.stem}"
+        found = [ast.unparse(node) for node in imports]
+        assert found == ["import sys", f"from {command} import main"], f"{path.name} imports {found}"
+        defined = [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign))]
+        assert not defined, f"{path.name} defines {[getattr(n, 'name', 'a value') for n in defined]}: move it into {command}"
+        assert callable(importlib.import_module(command).main)
+
+
+def _path_edits(path: Path) -> list[str]:
+    """Lines of ``path`` that change ``sys.path`` or load a module from a file path."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            target = ast.unparse(node.func)
+            if target.startswith("sys.path.") or node.func.attr in ("spec_from_file_location", "run_path"):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: {target}")
+    return found
+
+
+def test_only_the_install_hook_edits_sys_path_or_loads_modules_by_path():
+    hook = REPO / "src" / "torchtune_kd" / "recipes_path.py"
+    files = [p for top in ("scripts", "recipes", "src") for p in sorted((REPO / top).rglob("*.py")) if p != hook]
+    assert _path_edits(hook), "the scan no longer recognises the hook's own sys.path edit"
+    edits = [line for path in files for line in _path_edits(path)]
+    assert not edits, edits
+
+
+def test_the_commands_run_in_the_checkout_the_install_hook_activated():
+    from torchtune_kd.cli import checkout_dir
+
+    assert checkout_dir() == REPO
+
+
+def test_a_recipes_package_outside_a_checkout_is_refused_with_the_fix(tmp_path, monkeypatch):
+    # What `import recipes` finds without the install hook: torchtune's own package, in site-packages.
+    import importlib.machinery
+    import sys
+    import types
+
+    from torchtune_kd.cli import checkout_dir
+
+    folder = tmp_path / "site-packages" / "recipes"
+    folder.mkdir(parents=True)
+    spec = importlib.machinery.ModuleSpec("recipes", None, origin=str(folder / "__init__.py"), is_package=True)
+    spec.submodule_search_locations = [str(folder)]
+    module = types.ModuleType("recipes")
+    module.__spec__ = spec
+    monkeypatch.setitem(sys.modules, "recipes", module)
+    with pytest.raises(SystemExit, match=r"not a torchtune-kd checkout's.*make setup"):
+        checkout_dir()

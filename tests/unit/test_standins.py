@@ -215,7 +215,11 @@ def test_teacher_and_student_differ(tiny_assets):
         assert set(tiny_assets[f"{which}_kwargs"]) <= set(inspect.signature(llama3).parameters)
 
 
-def test_build_is_deterministic_and_idempotent(tiny_assets, tmp_path):
+class RebuildStarted(Exception):
+    """Raised by a stubbed first build step: proves build_all started a rebuild without paying for one."""
+
+
+def test_build_is_deterministic_and_idempotent(tiny_assets, tmp_path, monkeypatch):
     again = standins.build_all(tmp_path / "again")
     first_root, second_root = Path(tiny_assets["root"]), Path(again["root"])
 
@@ -236,12 +240,18 @@ def test_build_is_deterministic_and_idempotent(tiny_assets, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in second_root.rglob("*") if p.is_file()}
     assert standins.build_all(second_root) == again
     assert {p: p.stat().st_mtime_ns for p in second_root.rglob("*") if p.is_file()} == stamps  # nothing rewritten
-    standins.build_all(second_root, force=True)
-    assert manifest.stat().st_mtime_ns != stamps[manifest]
-    # A build interrupted before its manifest is never mistaken for a complete one.
-    manifest.unlink()
-    assert standins.load_manifest(second_root) is None
-    assert standins.build_all(second_root)["weights_sha256"] == tiny_assets["weights_sha256"]
+
+    # From here on a rebuild stops at its first step: the build above already showed what one writes.
+    def first_step(*args: Any, **kwargs: Any) -> None:
+        raise RebuildStarted
+
+    monkeypatch.setattr(standins, "build_tokenizer", first_step)
+    with pytest.raises(RebuildStarted):
+        standins.build_all(second_root, force=True)
+    # The manifest goes first, so the build cut short here is never mistaken for a complete one.
+    assert not manifest.exists() and standins.load_manifest(second_root) is None
+    with pytest.raises(RebuildStarted):
+        standins.build_all(second_root)
 
 
 def test_alpaca_dataset_loads_train_and_eval(tiny_assets):
@@ -352,12 +362,8 @@ def test_bad_input_is_a_clear_value_error(tiny_assets, tmp_path, call, match):
 
 
 def test_cli_reuses_an_up_to_date_folder(tiny_assets, tmp_path, capsys):
-    import importlib.util
+    from torchtune_kd.cli import build_tiny_assets as module
 
-    script = Path(__file__).resolve().parents[2] / "scripts" / "build_tiny_assets.py"
-    spec = importlib.util.spec_from_file_location("build_tiny_assets", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     manifest = Path(tiny_assets["root"]) / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
     assert module.main([tiny_assets["root"]]) == 0

@@ -1,22 +1,56 @@
-"""The training dataloader: torchtune's sampler and collation, plus a real-token mask from the collator.
+"""The tokenizer, the dataset and the training dataloader: torchtune's sampler and collation, plus a real-token
+mask from the collator.
 
-One builder for every recipe: the single-device recipe uses one replica; a distributed recipe passes its rank and
-world size. The loader is torchdata's ``StatefulDataLoader``, whose ``state_dict`` records the position inside an
-epoch, so a mid-epoch checkpoint resumes exactly where it stopped.
+The tokenizer and dataset are built from their config sections as the recipes use them (a list of datasets becomes
+one ``ConcatDataset``); the pre-flight builds them once, explains what fails, and hands them to the recipe.
+
+One dataloader builder for every recipe: the single-device recipe uses one replica; a distributed recipe passes its
+rank and world size. The loader is torchdata's ``StatefulDataLoader``, whose ``state_dict`` records the position
+inside an epoch, so a mid-epoch checkpoint resumes exactly where it stopped.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from omegaconf import DictConfig, ListConfig
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from torchtune import config as tt_config
 from torchtune.data import padded_collate_packed, padded_collate_sft
+from torchtune.datasets import ConcatDataset
 
 from torchtune_kd.core import loss_step
+
+
+def dataset_sections(cfg_dataset: Optional[Union[DictConfig, ListConfig]]) -> list[tuple[str, Any]]:
+    """(config key, section) of each dataset: ``dataset``, or ``dataset[i]`` for a list (none when absent)."""
+    if isinstance(cfg_dataset, ListConfig):
+        return [(f"dataset[{index}]", section) for index, section in enumerate(cfg_dataset)]
+    return [("dataset", cfg_dataset)] if cfg_dataset is not None else []
+
+
+def build_tokenizer(cfg_tokenizer: DictConfig) -> Any:
+    """The tokenizer of the ``tokenizer`` section (its builder's own errors propagate)."""
+    return tt_config.instantiate(cfg_tokenizer)
+
+
+def build_dataset(cfg_one: DictConfig, tokenizer: Any) -> Any:
+    """One dataset section built with ``tokenizer`` (a ``PackedDataset`` when it says ``packed: true``)."""
+    return tt_config.instantiate(cfg_one, tokenizer)
+
+
+def combine_datasets(cfg_dataset: Union[DictConfig, ListConfig], built: Sequence[Any]) -> Any:
+    """The dataset the recipe trains on: the one built, or the ``ConcatDataset`` of a list of sections.
+
+    Raises:
+        ValueError: the datasets cannot be concatenated (packed and unpacked mixed).
+    """
+    if isinstance(cfg_dataset, ListConfig):
+        return ConcatDataset(datasets=list(built))
+    return built[0]
 
 
 def is_packed(cfg_dataset: Union[DictConfig, ListConfig], dataset: Any) -> bool:

@@ -4,9 +4,11 @@ Unfused, both models return ``[tokens, vocab]`` logits and autograd keeps a logi
 128,256-token vocabulary those tensors, not the transformer layers, set the memory of a distillation step. Here the
 loss takes both models' final (normed) hidden states and output weights and, for each chunk of tokens:
 
-1. computes the chunk's logits ``z_s = h_s W_sᵀ`` and (without gradient) ``z_t = h_t W_tᵀ``;
-2. computes CE and the divergence (``kd_losses``' hand-derived ``value_and_grad``, temperature included) and the
-   diagnostics (top-1 agreement, teacher entropy) from those same chunk logits;
+1. computes the chunk's logits ``z_s = h_s W_sᵀ`` and (without gradient) ``z_t = h_t W_tᵀ`` — or, against a
+   teacher cache, takes the chunk's rows of its ``kd_losses.TeacherTopK`` instead of ``z_t``;
+2. computes CE and the divergence (``kd_losses``' hand-derived ``value_and_grad``, or its sparse form, temperature
+   included) and the diagnostics (``kd_losses.diagnostics``: top-1 agreement, teacher entropy) from the same
+   chunk log-probabilities;
 3. combines the logit gradients of the weighted objective, ``g = c_ce · g_ce + c_kd · g_kd`` (``c`` = the
    component's weight divided by the step's counted tokens), and sends ``g`` through the matmuls once:
    ``∂/∂h_s = g W_s`` for the chunk's rows, ``∂/∂W_s += gᵀ h_s`` (only when ``W_s`` trains).
@@ -21,6 +23,7 @@ for every softmax, value and gradient; ``W_s``'s gradient is accumulated in fp32
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -34,15 +37,19 @@ DEFAULT_CHUNK_SIZE = 1024
 
 
 def chunk_sums_and_grad(
-    z_s: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, kd_loss: Any, ce_coef: Any, kd_coef: Any
+    z_s: torch.Tensor, teacher: Union[torch.Tensor, kd_losses.TeacherTopK], labels: torch.Tensor, kd_loss: Any,
+    ce_coef: Any, kd_coef: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunk: CE, KD (× T²), agreements and teacher entropy over counted rows, and the objective's logit gradient.
 
     Each log-softmax is computed once and shared: CE, the diagnostics and (at T = 1) the divergence read the same
-    ``log p``; the divergence's ``value_and_grad`` then uses them as scratch space.
+    ``log p``; the divergence's ``value_and_grad`` then uses them as scratch space. Against a cached teacher the
+    divergence takes its sparse form and the diagnostics the cache's top-1 id and entropy.
 
     Args:
-        z_s (torch.Tensor), z_t (torch.Tensor): fp32 chunk logits ``(rows, vocab)``; overwritten.
+        z_s (torch.Tensor): fp32 student chunk logits ``(rows, vocab)``; overwritten.
+        teacher (Union[torch.Tensor, kd_losses.TeacherTopK]): fp32 teacher chunk logits ``(rows, vocab)``
+            (overwritten), or the cached teacher's rows ``(rows, k)`` with their ``entropy``.
         labels (torch.Tensor): ``(rows,)``.
         kd_loss: the ``kd_losses`` divergence.
         ce_coef, kd_coef: the objective's coefficients (floats or 0-d tensors).
@@ -52,18 +59,22 @@ def chunk_sums_and_grad(
     """
     keep = labels != kd_loss.ignore_index
     zero = torch.zeros((), dtype=torch.float32, device=z_s.device)
+    sparse = isinstance(teacher, kd_losses.TeacherTopK)
     s_logp = torch.log_softmax(z_s, dim=-1)
-    t_logp = torch.log_softmax(z_t, dim=-1)
-    agree = ((s_logp.argmax(-1) == t_logp.argmax(-1)) & keep).sum().float()
-    # entr(p) = -p log p, with entr(0) = 0 for masked (-inf) vocabulary entries.
-    row_entropy = torch.special.entr(t_logp.exp()).sum(-1)
-    entropy = torch.where(keep, row_entropy, zero).sum()
+    t_logp = teacher if sparse else torch.log_softmax(teacher, dim=-1)
+    agree, entropy = kd_losses.diagnostics(s_logp, t_logp, keep)
     ce, grad = _ce_sum_and_grad(s_logp, labels, keep)
     temperature = kd_loss.temperature
     if temperature != 1.0:
         s_logp = torch.log_softmax(z_s.div_(temperature), dim=-1)
-        t_logp = torch.log_softmax(z_t.div_(temperature), dim=-1)
-    values, kd_grad = kd_loss.value_and_grad(s_logp, t_logp)
+        if not sparse:
+            t_logp = torch.log_softmax(teacher.div_(temperature), dim=-1)
+    if sparse:
+        values, kd_grad = kd_losses.sparse_value_and_grad(
+            kd_loss, s_logp, teacher.ids.long(), kd_losses.coarsen_teacher(teacher)
+        )
+    else:
+        values, kd_grad = kd_loss.value_and_grad(s_logp, t_logp)
     kd = torch.where(keep, values, zero).sum() * temperature**2
     return ce, kd, agree, entropy, _objective_grad(grad, kd_grad, keep, ce_coef, kd_coef, temperature)
 
@@ -86,29 +97,7 @@ def _objective_grad(
     # ∂(T²·L(z/T))/∂z = T·∂L/∂(z/T).
     grad = ce_grad.mul_(ce_coef).add_(kd_grad.mul_(kd_coef * temperature if temperature != 1.0 else kd_coef))
     # Fills, not multiplication: an ignored row may be inf/nan (the unfused losses' own helper).
-    return kd_losses._zero_ignored_rows(grad, keep, by_index=grad.device.type == "cpu" and not torch.compiler.is_compiling())
-
-
-def cached_chunk_sums_and_grad(
-    z_s: torch.Tensor, teacher: kd_losses.TeacherTopK, t_entropy: torch.Tensor, labels: torch.Tensor, kd_loss: Any,
-    ce_coef: Any, kd_coef: Any,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`chunk_sums_and_grad` against a cached teacher (``kd_losses.TeacherTopK`` rows ``(rows, k)``): the
-    divergence's sparse form, agreement with the cached top-1 id, the cached entropy."""
-    keep = labels != kd_loss.ignore_index
-    zero = torch.zeros((), dtype=torch.float32, device=z_s.device)
-    s_logp = torch.log_softmax(z_s, dim=-1)
-    agree = ((s_logp.argmax(-1) == teacher.ids[:, 0].long()) & keep).sum().float()
-    entropy = torch.where(keep, t_entropy.float(), zero).sum()
-    ce, grad = _ce_sum_and_grad(s_logp, labels, keep)
-    temperature = kd_loss.temperature
-    if temperature != 1.0:
-        s_logp = torch.log_softmax(z_s.div_(temperature), dim=-1)
-    values, kd_grad = kd_losses._sparse_value_and_grad(
-        kd_loss, s_logp, teacher.ids.long(), kd_losses.coarsen_teacher(teacher)
-    )
-    kd = torch.where(keep, values, zero).sum() * temperature**2
-    return ce, kd, agree, entropy, _objective_grad(grad, kd_grad, keep, ce_coef, kd_coef, temperature)
+    return kd_losses.zero_ignored_rows(grad, keep, by_index=grad.device.type == "cpu" and not torch.compiler.is_compiling())
 
 
 def fused_sums_and_grads(
@@ -124,53 +113,43 @@ def fused_sums_and_grads(
     chunk_size: int,
     weight_grad: bool,
     chunk_fn: Optional[Callable] = None,
-    teacher_entropy: Optional[torch.Tensor] = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
     """The fused pass itself, without autograd: token sums and the objective's gradients.
 
     Args:
         student_hidden (torch.Tensor): ``(rows, dim_s)`` final hidden states.
         student_weight (torch.Tensor): ``(vocab, dim_s)`` output weight (the embedding when tied).
-        teacher_hidden (torch.Tensor): ``(rows, dim_t)``; or a cached teacher, ``kd_losses.TeacherTopK`` rows
-            ``(rows, k)`` (then ``teacher_weight`` is ``None`` and ``teacher_entropy`` ``(rows,)`` is given).
+        teacher_hidden (Union[torch.Tensor, kd_losses.TeacherTopK]): ``(rows, dim_t)``; or a cached teacher,
+            ``kd_losses.TeacherTopK`` rows ``(rows, k)`` with their ``entropy`` (then ``teacher_weight`` is ``None``).
         teacher_weight (Optional[torch.Tensor]): ``(vocab, dim_t)``.
         labels (torch.Tensor): ``(rows,)`` shifted labels, ``kd_loss.ignore_index`` where nothing counts.
         kd_loss: a ``kd_losses`` divergence (temperature and ``ignore_index`` are read from it).
         ce_coef, kd_coef (float or 0-d tensor): the objective is ``ce_coef * ce_sum + kd_coef * kd_sum``.
         chunk_size (int): rows per chunk.
         weight_grad (bool): also compute ``∂/∂W_s``.
-        chunk_fn (Optional[Callable]): :func:`chunk_sums_and_grad` or a compiled version of it (live teacher only).
-        teacher_entropy (Optional[torch.Tensor]): the cached teacher's entropy per row.
+        chunk_fn (Optional[Callable]): :func:`chunk_sums_and_grad` or a compiled version of it.
 
     Returns:
         tuple: sums ``objective``, ``ce``, ``kd`` (× T²), ``agree``, ``teacher_entropy`` (fp32 scalars), the gradient
         for ``student_hidden`` (its dtype) and for ``student_weight`` (fp32) or ``None``.
     """
-    cached = isinstance(teacher_hidden, kd_losses.TeacherTopK)
     chunk_fn = chunk_fn or chunk_sums_and_grad
+    sparse = isinstance(teacher_hidden, kd_losses.TeacherTopK)
     device = student_hidden.device
     zero = torch.zeros((), dtype=torch.float32, device=device)
     sums = {key: zero.clone() for key in ("ce", "kd", "agree", "teacher_entropy")}
     grad_hidden = torch.empty_like(student_hidden)
     grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if weight_grad else None
     weight_f32 = student_weight.float() if student_weight.dtype != torch.float32 else student_weight
-    for start in range(0, student_hidden.shape[0], chunk_size):
+    teacher_chunks = teacher_hidden.split(chunk_size)
+    for start, teacher_rows in zip(range(0, student_hidden.shape[0], chunk_size), teacher_chunks):
         rows = slice(start, start + chunk_size)
         h_s = student_hidden[rows].to(student_weight.dtype)
         z_s = F.linear(h_s, student_weight).float()
-        if cached:
-            part = kd_losses.TeacherTopK(
-                teacher_hidden.ids[rows], teacher_hidden.logprobs[rows], teacher_hidden.log_tail[rows],
-                teacher_hidden.temperature,
-            )
-            ce, kd, agree, entropy, grad = cached_chunk_sums_and_grad(
-                z_s, part, teacher_entropy[rows], labels[rows], kd_loss, ce_coef, kd_coef
-            )
-        else:
-            z_t = F.linear(teacher_hidden[rows].to(teacher_weight.dtype), teacher_weight).float()
-            ce, kd, agree, entropy, grad = chunk_fn(z_s, z_t, labels[rows], kd_loss, ce_coef, kd_coef)
-            del z_t
-        del z_s
+        # A cached teacher's rows are its distribution already; live hidden states go through its output layer.
+        teacher = teacher_rows if sparse else F.linear(teacher_rows.to(teacher_weight.dtype), teacher_weight).float()
+        ce, kd, agree, entropy, grad = chunk_fn(z_s, teacher, labels[rows], kd_loss, ce_coef, kd_coef)
+        del z_s, teacher
         for key, value in (("ce", ce), ("kd", kd), ("agree", agree), ("teacher_entropy", entropy)):
             sums[key] += value
         grad_hidden[rows] = (grad @ weight_f32).to(student_hidden.dtype)
@@ -185,14 +164,14 @@ class _FusedOutputLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, kd_loss, ce_coef, kd_coef,
-                chunk_size, chunk_fn, teacher_entropy):
+                chunk_size, chunk_fn):
         weight_grad = student_weight.requires_grad
         if isinstance(teacher_hidden, torch.Tensor):
             teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
         sums, grad_hidden, grad_weight = fused_sums_and_grads(
             student_hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight,
             labels, kd_loss, ce_coef=ce_coef, kd_coef=kd_coef, chunk_size=chunk_size, weight_grad=weight_grad,
-            chunk_fn=chunk_fn, teacher_entropy=teacher_entropy,
+            chunk_fn=chunk_fn,
         )
         ctx.weight_dtype = student_weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
@@ -207,7 +186,7 @@ class _FusedOutputLoss(torch.autograd.Function):
         scale = grad_objective.float()
         d_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype)
         d_weight = (grad_weight * scale).to(ctx.weight_dtype) if ctx.has_weight_grad else None
-        return d_hidden, d_weight, None, None, None, None, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None, None, None
 
 
 def fused_output_token_sums(
@@ -231,9 +210,10 @@ def fused_output_token_sums(
             hidden states (what its output projection would read).
         student_weight (torch.Tensor): ``(vocab, dim_s)``; gradients reach it (and so a tied embedding) when it
             trains.
-        teacher_hidden (torch.Tensor): ``(bsz, seq_len, dim_t)`` or ``(rows, dim_t)``; no gradient. Or the cached
-            teacher, a ``kd_losses.TeacherTopK`` ``(bsz, seq_len, k)``, with ``teacher_weight=None`` and
-            ``teacher_entropy`` ``(bsz, seq_len)`` (the divergence's sparse form; see ``core.teacher_cache``).
+        teacher_hidden (Union[torch.Tensor, kd_losses.TeacherTopK]): ``(bsz, seq_len, dim_t)`` or ``(rows, dim_t)``;
+            no gradient. Or the cached teacher, a ``kd_losses.TeacherTopK`` ``(bsz, seq_len, k)`` with
+            ``teacher_weight=None`` and its ``entropy`` (or ``teacher_entropy``) ``(bsz, seq_len)``: the
+            divergence's sparse form (see ``core.teacher_cache``).
         teacher_weight (Optional[torch.Tensor]): ``(vocab, dim_t)``; no gradient.
         labels (torch.Tensor): shifted labels with the hidden states' leading shape.
         kd_loss: any ``kd_losses`` divergence (its ``temperature`` and ``ignore_index`` apply).
@@ -242,11 +222,16 @@ def fused_output_token_sums(
         chunk_size (int): tokens per chunk (memory ~ ``chunk_size × vocab`` fp32 a few times over).
         chunk_fn (Optional[Callable]): the per-chunk computation, e.g. ``compiled_chunk_fn("inductor")`` (default:
             :func:`chunk_sums_and_grad`, eager).
-        teacher_entropy (Optional[torch.Tensor]): the cached teacher's entropy per token (with a ``TeacherTopK``).
+        teacher_entropy (Optional[torch.Tensor]): the cached teacher's entropy per token, when its ``TeacherTopK``
+            does not carry it.
 
     Returns:
         dict[str, torch.Tensor]: ``objective`` (differentiable), and the detached fp32 sums ``ce``, ``kd`` (× T²),
         ``agree`` and ``teacher_entropy`` over counted tokens — the unfused path's values.
+
+    Raises:
+        ValueError: different vocabularies, token counts or a bad ``chunk_size``; a cached teacher that does not
+            fit the loss or carries no entropy.
     """
     cached = isinstance(teacher_hidden, kd_losses.TeacherTopK)
     if not cached and student_weight.shape[0] != teacher_weight.shape[0]:
@@ -258,11 +243,15 @@ def fused_output_token_sums(
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
     rows_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     if cached:
-        if teacher_entropy is None:
-            raise ValueError("a cached teacher (TeacherTopK) needs teacher_entropy")
-        kd_loss._check_sparse(student_hidden.new_empty((*teacher_hidden.shape, student_weight.shape[0]), device="meta"), teacher_hidden)
+        if teacher_entropy is not None:
+            teacher_hidden = dataclasses.replace(teacher_hidden, entropy=teacher_entropy)
+        if teacher_hidden.entropy is None:
+            raise ValueError(
+                "a cached teacher (TeacherTopK) needs its entropy (TeacherTopK.entropy or teacher_entropy)"
+            )
+        logits_shape = (*teacher_hidden.shape, student_weight.shape[0])
+        kd_loss.check_sparse(student_hidden.new_empty(logits_shape, device="meta"), teacher_hidden)
         rows_t = teacher_hidden.reshape_rows()
-        teacher_entropy = teacher_entropy.reshape(-1)
         n_teacher = rows_t.ids.shape[0]
     else:
         rows_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
@@ -275,7 +264,6 @@ def fused_output_token_sums(
         )
     objective, ce, kd, agree, entropy = _FusedOutputLoss.apply(
         rows_s, student_weight, rows_t, teacher_weight, flat_labels, kd_loss, ce_coef, kd_coef, chunk_size, chunk_fn,
-        teacher_entropy,
     )
     return {"objective": objective, "ce": ce, "kd": kd, "agree": agree, "teacher_entropy": entropy}
 

@@ -1,4 +1,7 @@
-"""Per-micro-batch pieces of a distillation step, shared by single-device and (future) distributed recipes.
+"""Per-micro-batch pieces of a distillation step and the token-exact accumulation over a step's micro-batches.
+
+Shared by the single-device and the distributed recipe; ``core.output_pass`` builds a micro-batch's CE and KD
+sums from these pieces, and ``core.teacher_source`` provides the teacher's side.
 
 Everything here returns *token sums* (fp32 scalars) plus counts; the recipe divides once by the token count of the
 whole optimiser step, so gradient accumulation weights every token equally (torchtune 0.6.1's KD recipe instead
@@ -15,6 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+import kd_losses
 from torchtune_kd.core.loss_weighting import COMPONENTS
 
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -66,10 +70,18 @@ def ce_token_sum(logits: Logits, labels: torch.Tensor, ignore_index: int) -> tor
 def kd_health_sums(
     student_logits: Logits, teacher_logits: Logits, labels: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Diagnostics on counted tokens: top-1 agreement count and summed teacher entropy (nats, T = 1).
+    """Diagnostics on counted tokens from both models' logits: top-1 agreement count and summed teacher entropy
+    (nats, T = 1), by ``kd_losses.diagnostics``.
 
-    The teacher entropy also links our KL to torchtune 0.6.1's ``ForwardKLLoss``, which reports the soft
-    cross-entropy H(p_t, p_s) = KL(p_t || p_s) + H(p_t).
+    For a KD loss that is not a ``kd_losses`` divergence: a divergence reads the same diagnostics from the
+    log-probabilities it computes anyway (``token_sum_and_diagnostics``); this computes the teacher's log-softmax
+    once more, chunk by chunk.
+
+    Args:
+        student_logits (Logits): ``(bsz, seq_len, vocab)`` or a list of ``(bsz, seq_len / n, vocab)`` chunks.
+        teacher_logits (Logits): the teacher's, same shapes.
+        labels (torch.Tensor): shifted labels ``(bsz, seq_len)``.
+        ignore_index (int): label value that does not count.
 
     Returns:
         tuple[torch.Tensor, torch.Tensor]: ``(agreements, entropy_sum)`` as fp32 scalars.
@@ -79,36 +91,10 @@ def kd_health_sums(
     student_chunks = _as_chunks(student_logits, labels)
     teacher_chunks = _as_chunks(teacher_logits, labels)
     for (s_chunk, chunk_labels), (t_chunk, _) in zip(student_chunks, teacher_chunks):
-        # Masking instead of boolean indexing or an `if keep.any()` shortcut: both would force a device sync per
-        # chunk inside the training step.
-        keep = chunk_labels != ignore_index
-        agree += ((s_chunk.argmax(-1) == t_chunk.argmax(-1)) & keep).sum()
-        t_logp = torch.log_softmax(t_chunk.float(), dim=-1)
-        # 0 * log 0 = 0 for masked (-inf) vocabulary entries.
-        row_entropy = -(t_logp.exp() * t_logp.masked_fill(torch.isinf(t_logp), 0.0)).sum(-1)
-        entropy += torch.where(keep, row_entropy, torch.zeros_like(row_entropy)).sum()
-    return agree, entropy
-
-
-@torch.no_grad()
-def cached_health_sums(
-    student_logits: Logits, teacher_top1: torch.Tensor, teacher_entropy: torch.Tensor, labels: torch.Tensor,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`kd_health_sums` from a teacher cache: the teacher's top-1 id and entropy are stored per token.
-
-    Args:
-        student_logits (Logits): ``(bsz, seq_len, vocab)`` or a list of chunks.
-        teacher_top1 (torch.Tensor): ``(bsz, seq_len)`` the teacher's most probable id.
-        teacher_entropy (torch.Tensor): ``(bsz, seq_len)`` its entropy (nats, T = 1).
-        labels (torch.Tensor): shifted labels ``(bsz, seq_len)``.
-        ignore_index (int): label value that does not count.
-    """
-    keep = labels != ignore_index
-    chunks = student_logits if not isinstance(student_logits, torch.Tensor) else [student_logits]
-    student_top1 = torch.cat([chunk.argmax(-1) for chunk in chunks], dim=1)
-    agree = ((student_top1 == teacher_top1.long()) & keep).sum().float()
-    entropy = torch.where(keep, teacher_entropy.float(), torch.zeros_like(teacher_entropy, dtype=torch.float32)).sum()
+        chunk_agree, chunk_entropy = kd_losses.diagnostics(
+            s_chunk, torch.log_softmax(t_chunk.float(), dim=-1), chunk_labels != ignore_index
+        )
+        agree, entropy = agree + chunk_agree, entropy + chunk_entropy
     return agree, entropy
 
 

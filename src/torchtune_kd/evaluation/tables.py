@@ -3,7 +3,8 @@
 :func:`build_comparison` turns lm-eval results dicts into :class:`ComparisonRow` rows (value, lm-eval's standard
 error, delta to a baseline), refusing results that do not compare (different documents, few-shot counts or data);
 :func:`comparison_markdown` and :func:`comparison_csv` render them. Pure functions of the results dicts: nothing here
-imports lm_eval or torch, so saved ``results.json`` files can be tabulated anywhere.
+imports lm_eval or torch, so saved ``results.json`` files can be tabulated anywhere. :func:`markdown_table` is the
+project's one plain markdown table (the demo's results, the experiment grids' summaries).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import csv
 import io
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from torchtune_kd.evaluation.lm_eval_tasks import DEFAULT_TASKS
 
@@ -161,6 +162,17 @@ def _fmt(value: Optional[float], digits: int = 4, signed: bool = False) -> str:
     # Round first and add 0.0 so a float-noise delta such as -8e-9 prints as +0.0000, not -0.0000.
     value = round(value, digits) + 0.0
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A markdown table: the header row, a ``|---|`` rule, one line per row of cells (already formatted text).
+
+    Returns:
+        str: the table, ending in a newline.
+    """
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def comparison_markdown(rows: Sequence[ComparisonRow], baseline: str, digits: int = 4, note: str = "") -> str:

@@ -1,0 +1,180 @@
+"""Where the teacher's signal for a micro-batch comes from: one interface for every source.
+
+A training step needs, per micro-batch, the teacher's next-token distribution at every position the student is
+trained on, plus two diagnostics (top-1 agreement, teacher entropy). A :class:`TeacherSource` provides it as a
+*teacher signal*, in one of three forms:
+
+=========================  ==========================================================================================
+:class:`TeacherLogits`     full logits ``(bsz, seq_len, vocab)`` or torchtune's list of output chunks (unfused pass)
+:class:`TeacherHidden`     final hidden states ``(bsz, seq_len, dim_t)`` and the output weight ``(vocab, dim_t)``: the
+                           fused pass (``core.fused_output``) computes the logits chunk by chunk and never in full
+``kd_losses.TeacherTopK``  the ``k`` most probable ids with their log-probabilities, the tail's mass and the entropy
+                           per token: the divergences' sparse form (both passes take it)
+=========================  ==========================================================================================
+
+The output pass (``core.output_pass``) asks for a dense form (``form``: :data:`LOGITS` or :data:`HIDDEN`); a source
+that only has a sparse distribution returns its ``TeacherTopK`` whatever the pass asked, and both passes accept it.
+So the pair (source, pass) is never written out: each source works with each pass.
+
+Sources:
+
+- :class:`LiveTeacher`: the frozen teacher model, run on the micro-batch's own tokens;
+- :class:`CachedTeacher`: a teacher cache (``core.teacher_cache``, built by ``recipes/cache_teacher.py``), looked up
+  by the batch's sample ids; the teacher is never built.
+
+A source has two steps, :meth:`TeacherSource.prepare` and :meth:`TeacherSource.signal`, so that sources to come fit
+without a new path in the recipe:
+
+- *sequences the student generated* (on-policy distillation): ``prepare`` samples continuations of the batch's
+  prompts from the student and returns a batch whose ``tokens``, ``labels`` (the generated positions counted, the
+  prompt ignored) and ``real_tokens`` are those sequences; ``signal`` then scores them with a live teacher exactly as
+  :class:`LiveTeacher` does (any of the three forms). The recipe computes CE, KD and IR on whatever batch
+  ``prepare`` returns; CE on generated tokens is the recipe's weighting to decide (weight 0 disables it).
+- *a teacher with another tokenizer*: ``prepare`` leaves the batch alone; ``signal`` detokenises the student's
+  sequence, tokenises it for the teacher, runs the teacher and maps its distribution onto the student's positions
+  and vocabulary (e.g. the teacher's top-k projected to student ids with the unmatched mass in the tail): an
+  aligned ``TeacherTopK`` (with the entropy of the teacher's own distribution), one row per student position, so
+  that the divergences' sparse form, the diagnostics and both passes apply unchanged. The fused pass's hidden form
+  needs a shared vocabulary, so such a source returns ``TeacherTopK`` for either ``form``.
+
+Every signal holds one row per student token (``labels.shape``); rows at ignored labels may hold anything finite or
+not (the losses drop them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Dict, Protocol, Sequence, Union
+
+import torch
+from torch import nn
+
+import kd_losses
+from torchtune_kd.core import data, fused_output, loss_step
+
+#: The dense forms an output pass asks a source for.
+LOGITS = "logits"
+HIDDEN = "hidden"
+FORMS = (LOGITS, HIDDEN)
+
+Batch = Dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TeacherLogits:
+    """The teacher's full logits.
+
+    Attributes:
+        logits (Union[torch.Tensor, Sequence[torch.Tensor]]): ``(bsz, seq_len, vocab)``, or the list of
+            ``(bsz, seq_len / n, vocab)`` chunks a model with ``num_output_chunks = n`` returns.
+    """
+
+    logits: Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class TeacherHidden:
+    """The teacher's final (normed) hidden states and the output weight that turns them into logits.
+
+    Attributes:
+        hidden (torch.Tensor): ``(bsz, seq_len, dim_t)``, no gradient.
+        weight (torch.Tensor): ``(vocab, dim_t)``, whole (gathered when sharded), no gradient.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+
+TeacherSignal = Union[TeacherLogits, TeacherHidden, kd_losses.TeacherTopK]
+
+
+class TeacherSource:
+    """The teacher's signal for each micro-batch (see the module docstring for the forms and the sources to come)."""
+
+    def prepare(self, batch: Batch) -> Batch:
+        """The micro-batch the student trains on.
+
+        Args:
+            batch (Batch): the collated micro-batch: ``tokens``, ``labels``, ``real_tokens`` ``(bsz, seq_len)``, with
+                packing ``mask`` and ``input_pos``, with a cache ``sample_id`` ``(bsz,)``.
+
+        Returns:
+            Batch: this batch itself for a source that scores the data's own sequences; a source that brings its own
+            sequences (on-policy) returns a batch of the same keys holding them.
+        """
+        return batch
+
+    def signal(self, batch: Batch, labels: torch.Tensor, *, form: str) -> TeacherSignal:
+        """The teacher's signal for a prepared micro-batch, one row per student token.
+
+        Args:
+            batch (Batch): what :meth:`prepare` returned.
+            labels (torch.Tensor): ``(bsz, seq_len)`` the batch's shifted labels (``ignore_index`` where nothing
+                counts).
+            form (str): the dense form the output pass takes, :data:`LOGITS` or :data:`HIDDEN`; a sparse source
+                returns a ``kd_losses.TeacherTopK`` instead.
+
+        Returns:
+            TeacherSignal: :class:`TeacherLogits`, :class:`TeacherHidden` or ``kd_losses.TeacherTopK`` (with its
+            ``entropy``).
+        """
+        raise NotImplementedError
+
+
+def _forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return model(batch["tokens"], mask=batch.get("mask", None), input_pos=batch.get("input_pos", None))
+
+
+class LiveTeacher(TeacherSource):
+    """The frozen teacher model run on each micro-batch (no gradient).
+
+    Args:
+        model (nn.Module): the teacher, a torchtune decoder (with ``num_output_chunks = 0`` for the hidden form).
+        output_weight (Callable[[], torch.Tensor]): the teacher's whole output weight ``(vocab, dim_t)``, read at
+            each call for the hidden form (data parallelism gathers a sharded one).
+    """
+
+    def __init__(self, model: nn.Module, output_weight: Callable[[], torch.Tensor]) -> None:
+        self.model = model
+        self._output_weight = output_weight
+
+    def signal(self, batch: Batch, labels: torch.Tensor, *, form: str) -> TeacherSignal:
+        if form == HIDDEN:
+            with fused_output.hidden_states_out(self.model), torch.no_grad():
+                hidden = _forward(self.model, batch)
+            return TeacherHidden(hidden, self._output_weight())
+        if form == LOGITS:
+            with torch.no_grad():
+                return TeacherLogits(_forward(self.model, batch))
+        raise ValueError(f"form={form!r}: a teacher source provides one of {FORMS}")
+
+
+class TopKLookup(Protocol):
+    """What :class:`CachedTeacher` reads: ``core.teacher_cache.TeacherCache``'s lookup."""
+
+    def lookup(
+        self, sample_ids: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor, real_tokens: torch.Tensor,
+        unshifted_labels: torch.Tensor,
+    ) -> tuple[kd_losses.TeacherTopK, torch.Tensor]: ...
+
+
+class CachedTeacher(TeacherSource):
+    """The teacher's top-k distributions and entropies read from a teacher cache by sample id.
+
+    The lookup checks every item against the hash it was cached from (a changed dataset is refused, naming the
+    item); it reads the batch's sample ids and counts on the host, the cache's only host reads in a step.
+
+    Args:
+        cache (TopKLookup): an open ``core.teacher_cache.TeacherCache``.
+    """
+
+    def __init__(self, cache: TopKLookup) -> None:
+        self.cache = cache
+
+    def signal(self, batch: Batch, labels: torch.Tensor, *, form: str) -> kd_losses.TeacherTopK:
+        """The cached ``kd_losses.TeacherTopK`` ``(bsz, seq_len, k)`` with its ``entropy``, whatever ``form``."""
+        teacher, entropy = self.cache.lookup(
+            batch[data.SAMPLE_ID_KEY], labels, batch["tokens"], batch[loss_step.REAL_TOKENS_KEY], batch["labels"]
+        )
+        return dataclasses.replace(teacher, entropy=entropy)

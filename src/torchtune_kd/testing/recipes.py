@@ -1,0 +1,73 @@
+"""Running the distillation recipe in-process on the tiny stand-ins: configs built the way ``tune run`` builds them.
+
+For the tests and the benchmarks of a checkout (the recipes are not part of the installed package): the recipe is
+imported as ``recipes.knowledge_distillation_single_device``, which the install hook
+(:mod:`torchtune_kd.recipes_path`) resolves to the checkout's own ``recipes`` folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from torchtune_kd.cli import checkout_dir
+
+REPO = checkout_dir()
+TINY_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+
+# A LoRA student (rank 8 on the attention projections and the MLP) as command-line overrides.
+LORA_OVERRIDES = (
+    "model._component_=torchtune.models.llama3.lora_llama3",
+    "model.lora_attn_modules=[q_proj,v_proj,output_proj]",
+    "model.apply_lora_to_mlp=true",
+    "model.apply_lora_to_output=false",
+    "model.lora_rank=8",
+    "model.lora_alpha=16",
+    "model.lora_dropout=0.0",
+)
+
+
+def load_recipe_module() -> ModuleType:
+    """The single-device recipe's module (``KDRecipeSingleDevice``, ``recipe_main``)."""
+    import recipes.knowledge_distillation_single_device as module
+
+    return module
+
+
+def tiny_config(
+    assets: Path, output_dir: Path, overrides: Iterable[str] = (), *, config: Path = TINY_CONFIG
+) -> DictConfig:
+    """A config (default configs/tiny_cpu.yaml) with the stand-ins' folder and the output folder filled in, plus
+    command-line overrides merged by torchtune's own command-line code.
+
+    So every tested config is one a user can reproduce with ``tune run ... --config <yaml> <overrides>``: on a
+    section with a ``_component_``, ``key=X`` sets ``key._component_`` (``key=None`` switches an optional section
+    off), ``~key.sub`` removes a key, and removing a whole component is refused as ``tune run`` refuses it.
+
+    Side effect: sets ``KD_ASSETS`` to ``assets`` in this process's environment (the config reads it).
+    """
+    from argparse import Namespace
+
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    os.environ["KD_ASSETS"] = str(assets)
+    yaml = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
+    cfg = _merge_yaml_and_cli_args(Namespace(**yaml), [f"output_dir={output_dir}", *overrides])
+    # Resolved now: the variables it reads (KD_ASSETS) differ between callers.
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def run_recipe(cfg: DictConfig, module: Optional[ModuleType] = None) -> Any:
+    """Set up, train and clean up ``KDRecipeSingleDevice`` (of ``module``, default the checkout's recipe) on ``cfg``;
+    returns the finished recipe object."""
+    module = module or load_recipe_module()
+    recipe = module.KDRecipeSingleDevice(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
+    return recipe
