@@ -22,9 +22,12 @@ $(STAMP): requirements.txt pyproject.toml
 	@! $(PY) -c "import peft" 2>/dev/null || (echo "peft is installed: uninstall it (see requirements.txt)"; exit 1)
 	touch $(STAMP)
 
+# One pytest worker per core (pytest-xdist), one test file per worker at a time (session fixtures such as the
+# SmolLM2 conversion are built once per file's worker), one intra-op thread each: OpenMP threads that outnumber the
+# cores spin against each other, and most of a test's time is single-threaded start-up anyway.
 test: setup
-	KD_REQUIRE_REAL_MODEL=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline \
-		$(PY) -m pytest tests -q
+	OMP_NUM_THREADS=1 KD_REQUIRE_REAL_MODEL=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline \
+		$(PY) -m pytest tests -q -n auto --dist loadfile
 
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline \

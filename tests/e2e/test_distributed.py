@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torchtune_kd import tune_cli
 from torchtune_kd.core import checkpointing
 from torchtune_kd.evaluation import run_logs
+from torchtune_kd.testing import launch
 from torchtune_kd.testing.recipes import LORA_OVERRIDES, REPO, run_recipe, tiny_config
 
 DIST_RECIPE = "recipes/knowledge_distillation_distributed.py"
@@ -45,11 +46,16 @@ def logged(log_dir: Path) -> dict[str, dict[int, float]]:
     }
 
 
-def run_distributed(cfg, out: Path, *, env: dict | None = None, timeout: float = RUN_TIMEOUT):
+def run_distributed(cfg, out: Path, *, env: dict | None = None, timeout: float = RUN_TIMEOUT, torchrun: bool = False):
+    """The distributed recipe on ``WORLD`` processes: forked from a warm fork server (``testing.launch``: the same
+    recipe code, ~20 s less start-up), or through ``tune run --nproc_per_node`` (``torchrun=True``) where the test is
+    about what torchrun does with a failing or signalled worker."""
     out.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.yaml"
     OmegaConf.save(cfg, path)
-    return tune_cli.tune_run(DIST_RECIPE, path, cwd=REPO, timeout=timeout, nproc_per_node=WORLD, env=env)
+    if torchrun:
+        return tune_cli.tune_run(DIST_RECIPE, path, cwd=REPO, timeout=timeout, nproc_per_node=WORLD, env=env)
+    return launch.run_distributed_recipe(path, nproc=WORLD, recipe_file=DIST_RECIPE, env=env, timeout=timeout)
 
 
 def assert_same_logs(reference: dict, other: dict, steps) -> None:
@@ -283,7 +289,7 @@ def faults_module(tmp_path):
 def test_a_data_file_missing_on_one_rank_stops_every_rank_with_its_error(assets_root, tmp_path, faults_module):
     cfg = tiny_config(assets_root, tmp_path / "out", ["dataset._component_=kd_faults.alpaca_missing_on_rank_1",
                                                       "batch_size=2", "max_steps_per_epoch=2"])
-    result = run_distributed(cfg, tmp_path / "out", env=faults_module, timeout=180)
+    result = run_distributed(cfg, tmp_path / "out", env=faults_module, timeout=180, torchrun=True)
     assert result.returncode != 0
     assert "on rank 1 of 2" in result.stdout and "not-on-this-node" in result.stdout, result.stdout[-4000:]
     assert "Traceback" not in result.stdout.split("Error:")[-1].split("ChildFailedError")[0]
@@ -295,7 +301,7 @@ def test_an_exception_in_one_ranks_step_ends_the_job(assets_root, tmp_path, faul
         "kd_loss._component_=kd_faults.FailsOnRank1", "~kd_loss.lambda_weight", "batch_size=2",
         "max_steps_per_epoch=4",
     ])
-    result = run_distributed(cfg, tmp_path / "out", env=faults_module, timeout=180)
+    result = run_distributed(cfg, tmp_path / "out", env=faults_module, timeout=180, torchrun=True)
     assert result.returncode != 0
     assert "injected failure in rank 1's step" in result.stdout, result.stdout[-4000:]
 
@@ -358,26 +364,21 @@ def test_a_signal_checkpoints_every_rank_and_torchrun_reports_a_failed_job(asset
     assert (tmp_path / "out" / "epoch_0" / "config.json").is_file()
 
 
-def test_the_check_script_runs_both_commands(tmp_path):
-    """scripts/distributed_check.py (what scripts/gpu_check.sh runs on GPUs) on CPU: it compares and it reports."""
-    import subprocess
-    import sys
+def test_the_check_script_runs_both_commands(tmp_path, capsys):
+    """scripts/distributed_check.py (what scripts/gpu_check.sh runs on GPUs) on CPU: it compares and it reports. Its
+    ``main`` runs in this process (the script is one call of it; the test of the thin scripts checks that), and it
+    launches the recipes through ``tune run`` as on a GPU machine."""
+    from torchtune_kd.cli import distributed_check
 
-    script = [sys.executable, str(REPO / "scripts" / "distributed_check.py")]
-    equivalence = subprocess.run(
-        [*script, "equivalence", "--kinds", "lora", "--steps", "2", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )
-    assert equivalence.returncode == 0, equivalence.stdout[-3000:] + equivalence.stderr[-3000:]
-    rows = [line.split() for line in equivalence.stdout.splitlines() if line.startswith("lora ")]
+    assert distributed_check.main(["equivalence", "--kinds", "lora", "--steps", "2", "--workdir", str(tmp_path)]) == 0
+    equivalence = capsys.readouterr().out
+    rows = [line.split() for line in equivalence.splitlines() if line.startswith("lora ")]
     assert [row[1] for row in rows] == ["loss", "ce_loss", "kd_loss", "ir_loss", "weights"]
-    assert all(float(row[2]) <= 1e-5 for row in rows) and "OK" in equivalence.stdout
-    dummy = subprocess.run(
-        [*script, "dummy", "--config", "configs/tiny_cpu.yaml", "--steps", "2", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )
-    assert dummy.returncode == 0, dummy.stdout[-3000:] + dummy.stderr[-3000:]
-    assert "peak_memory_rss_gib/rank0" in dummy.stdout and "peak_memory_rss_gib/rank1" in dummy.stdout
+    assert all(float(row[2]) <= 1e-5 for row in rows) and "OK" in equivalence
+    assert distributed_check.main(["dummy", "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--steps", "2",
+                                   "--workdir", str(tmp_path)]) == 0
+    dummy = capsys.readouterr().out
+    assert "peak_memory_rss_gib/rank0" in dummy and "peak_memory_rss_gib/rank1" in dummy
     assert (tmp_path / "dummy" / "tiny_cpu" / "teacher_model" / "config.json").is_file()
 
 

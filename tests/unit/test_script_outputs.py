@@ -416,7 +416,7 @@ def _path_edits(path: Path) -> list[str]:
 
 def test_only_the_install_hook_edits_sys_path_or_loads_modules_by_path():
     hook = REPO / "src" / "torchtune_kd" / "recipes_path.py"
-    files = [p for top in ("scripts", "recipes", "src") for p in sorted((REPO / top).rglob("*.py")) if p != hook]
+    files = [p for top in ("scripts", "recipes", "src", "tests") for p in sorted((REPO / top).rglob("*.py")) if p != hook]
     assert _path_edits(hook), "the scan no longer recognises the hook's own sys.path edit"
     edits = [line for path in files for line in _path_edits(path)]
     assert not edits, edits
