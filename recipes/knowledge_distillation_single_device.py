@@ -42,6 +42,8 @@ from torchtune_kd.core import (
 )
 
 log = utils.get_logger("INFO")
+# Default of diagnostics_every_n_steps (configs/tiny_cpu.yaml sets 1 so that the tests see them on every step).
+DIAGNOSTICS_EVERY_N_STEPS = 10
 
 
 class KDRecipeSingleDevice(FTRecipeInterface):
@@ -66,6 +68,10 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         self._output_dir = Path(cfg.output_dir)
         self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
+        # Top-1 agreement and teacher entropy: exact, on the first and every n-th logged step (each costs two argmax
+        # passes and an entropy pass over the step's [tokens, vocab]).
+        self._diagnostics_every = int(cfg.get("diagnostics_every_n_steps", None) or DIAGNOSTICS_EVERY_N_STEPS)
+        self._diagnose = True
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", True)
 
         self.seed = training.set_seed(seed=cfg.seed, debug_mode=cfg.get("cudnn_deterministic_mode", None))
@@ -86,9 +92,6 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         cache = cfg.get("teacher_cache", None)
         self._cache_settings = teacher_cache.settings(cache) if cache is not None else None
         self._teacher_cache: Optional[teacher_cache.TeacherCache] = None
-        fused = cfg.get("fused_output", None) or {}
-        self._fused = bool(fused.get("enabled", False))
-        self._fused_chunk_size = int(fused.get("chunk_size", fused_output.DEFAULT_CHUNK_SIZE))
         self._signals = safety.StopSignals()
         self._steps_done_in_epoch = 0
         self._dataloader_state: Optional[Dict[str, Any]] = None
@@ -248,17 +251,20 @@ class KDRecipeSingleDevice(FTRecipeInterface):
                 self._teacher_model, output_weight=partial(self._output_weight, self._teacher_model)
             )
         self._fused_chunk_fn = None
+        self._fused = self._output_path_is_fused(models_with_output)
         if self._fused:
             # The models return their final hidden states; the loss applies the output projections chunk by chunk.
             for model in models_with_output:
                 model.set_num_output_chunks(0)
             if self._compile:
                 self._fused_chunk_fn = fused_output.compiled_chunk_fn(os.environ.get("TORCH_COMPILE_BACKEND", "inductor"))
+            chunk_size = self._facts.output_path.chunk_size
             self._output_pass: output_pass.OutputPass = output_pass.FusedPass(
                 self._losses.kd_loss, student_weight=partial(self._output_weight, self._model),
-                chunk_size=self._fused_chunk_size, chunk_fn=self._fused_chunk_fn,
+                chunk_size=chunk_size, chunk_fn=self._fused_chunk_fn,
             )
-            log.info(f"Fused output pass: CE and KD from hidden states, {self._fused_chunk_size} tokens per chunk.")
+            size = f"{chunk_size} tokens per chunk" if chunk_size else "chunks of about vocab / hidden per step"
+            log.info(f"Fused output pass: CE and KD from hidden states, {size}.")
         else:
             self._output_pass = output_pass.UnfusedPass(self._losses)
         log.info(
@@ -429,6 +435,24 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             self.profiler_active_steps = profiler_cfg["active_steps"]
         return profiler
 
+    def _output_path_is_fused(self, models: List[torch.nn.Module]) -> bool:
+        """The pre-flight's choice of output pass, checked against the built models: an output layer the fused pass
+        cannot read (not a plain or tied linear) falls back to the unfused pass under ``enabled: auto`` and is an
+        error under ``enabled: true``."""
+        path = self._facts.output_path
+        if not path.fused:
+            return False
+        for model in models:
+            try:
+                fused_output.output_weight(model)
+            except ValueError as err:
+                if not path.auto:
+                    raise preflight.ConfigError([f"fused_output.enabled=true, but {err}: set fused_output.enabled=false"]) from None
+                if self._is_rank_zero:
+                    log.warning(f"Output pass: unfused after all (fused_output.enabled=auto): {err}.")
+                return False
+        return True
+
     # ---------------------------------------------------------------- training
 
     def _loss_step(
@@ -455,7 +479,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         """
         sums, batch = output_pass.micro_batch_sums(
             self._model, self._teacher_source, self._output_pass, batch, self._ignore_index, coefficients,
-            activations=self._activations_handling_ctx,
+            activations=self._activations_handling_ctx, diagnostics=self._diagnose,
         )
         if self._aligner is not None:
             pair_sums, _ = self._aligner.token_sums(
@@ -477,10 +501,11 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         )
 
     def _micro_batches(self) -> Iterator[List[Dict[str, torch.Tensor]]]:
-        """Group the dataloader's batches into the micro-batches of each optimiser step (on the device)."""
+        """Group the dataloader's batches into the micro-batches of each optimiser step (on the device), after the
+        teacher source's host work on each (a cache lookup)."""
         group: List[Dict[str, torch.Tensor]] = []
         for batch in self._dataloader:
-            group.append({k: v.to(self._device) for k, v in batch.items()})
+            group.append({k: v.to(self._device) for k, v in self._teacher_source.on_host(batch).items()})
             if len(group) == self._gradient_accumulation_steps:
                 yield group
                 group = []
@@ -543,6 +568,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             if profiling_memory and step_in_epoch == self.profiler_wait_steps + self.profiler_warmup_steps:
                 torch.cuda.memory._record_memory_history()
 
+            self._diagnose = loss_step.diagnostics_due(self.global_step + 1, self._log_every_n_steps, self._diagnostics_every)
             totals, weights = self._accumulate_gradients(batches)
             grad_norm = self._clip_gradients()
             values = loss_step.read_step_values(totals, grad_norm, weights)

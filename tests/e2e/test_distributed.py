@@ -177,6 +177,7 @@ FEATURES = [
     "kd_loss=kd_losses.ReverseKLLoss", "~kd_loss.num_output_chunks", "~kd_loss.lambda_weight",
     "dataset.packed=true", "tokenizer.max_seq_len=128", "enable_activation_checkpointing=true", "compile=true",
     "epochs=1", "max_steps_per_epoch=3", "gradient_accumulation_steps=2", "seed=11", "clip_grad_norm=0.05",
+    "fused_output.enabled=false",  # the unfused pass on two processes (the other tests take the default, fused)
 ]
 
 
@@ -209,8 +210,7 @@ def test_tied_embeddings_full_fine_tune_matches_too(assets_root, tmp_path, fused
         standins.write_random_checkpoint(probe[key], tmp_path / folder, dtype=torch.float32, seed=seed)
     models += [f"checkpointer.checkpoint_dir={tmp_path / 'student'}", f"teacher_checkpointer.checkpoint_dir={tmp_path / 'teacher'}",
                "epochs=1", "max_steps_per_epoch=3", "gradient_accumulation_steps=2", "seed=5"]
-    if fused:
-        models += ["fused_output.enabled=true", "fused_output.chunk_size=96"]
+    models += ["fused_output.enabled=true", "fused_output.chunk_size=96"] if fused else ["fused_output.enabled=false"]
     run_recipe(tiny_config(assets_root, tmp_path / "single", [*models, f"batch_size={SINGLE_BATCH}"]))
     dist_cfg = tiny_config(assets_root, tmp_path / "dist", [*models, f"batch_size={DIST_BATCH}",
                                                              "custom_sharded_layers=[tok_embeddings,output]"])
@@ -299,7 +299,7 @@ def test_a_data_file_missing_on_one_rank_stops_every_rank_with_its_error(assets_
 def test_an_exception_in_one_ranks_step_ends_the_job(assets_root, tmp_path, faults_module):
     cfg = tiny_config(assets_root, tmp_path / "out", [
         "kd_loss._component_=kd_faults.FailsOnRank1", "~kd_loss.lambda_weight", "batch_size=2",
-        "max_steps_per_epoch=4",
+        "max_steps_per_epoch=4", "fused_output.enabled=false",  # the unfused pass calls the failing methods
     ])
     result = run_distributed(cfg, tmp_path / "out", env=faults_module, timeout=180, torchrun=True)
     assert result.returncode != 0

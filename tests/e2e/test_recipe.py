@@ -247,7 +247,7 @@ def test_compile_matches_eager(tiny_assets, assets_root, tmp_path, monkeypatch):
     layers would add two minutes on a cold cache and is PyTorch's own to test (the fused pass's per-chunk function is
     compiled with inductor in :func:`test_fused_output_pass_compiles`)."""
     monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
-    common = ["max_steps_per_epoch=2", "shuffle=false"]
+    common = ["max_steps_per_epoch=2", "shuffle=false", "fused_output.enabled=false"]
     run_recipe(tiny_config(assets_root, tmp_path / "eager", common), RECIPE)
     compiled = run_recipe(tiny_config(assets_root, tmp_path / "compiled", [*common, "compile=true"]), RECIPE)
     assert compiled._compile
@@ -279,7 +279,8 @@ def test_fused_output_pass_matches_the_unfused_recipe_step_by_step(tiny_assets, 
     common = [*(LORA_OVERRIDES if kind == "lora" else []), "max_steps_per_epoch=3", "gradient_accumulation_steps=2",
               *scaling, "kd_loss.temperature=2.0", "seed=4"]
     runs = {}
-    for name, extra in (("unfused", []), ("fused", ["fused_output.enabled=true", "fused_output.chunk_size=100"])):
+    for name, extra in (("unfused", ["fused_output.enabled=false"]),
+                        ("fused", ["fused_output.enabled=true", "fused_output.chunk_size=100"])):
         out = tmp_path / name
         cfg = tiny_config(assets_root, out, [*common, *extra])
         recipe = RECIPE.KDRecipeSingleDevice(cfg=cfg)

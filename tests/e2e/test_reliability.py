@@ -553,11 +553,13 @@ def test_packed_run_masks_pack_padding_for_ir(tiny_assets, assets_root, tmp_path
 
 
 @pytest.mark.parametrize(
-    "extra", [[], ["fused_output.enabled=true", "fused_output.chunk_size=16"]], ids=["unfused", "fused"]
+    "extra", [["fused_output.enabled=false"], ["fused_output.enabled=true", "fused_output.chunk_size=16"], []],
+    ids=["unfused", "fused", "default"],
 )
 def test_a_step_makes_no_host_sync(tiny_assets, assets_root, tmp_path, extra):
     """Reading a tensor's value on the host (item/float/int/bool/tolist) is a device sync: none inside the step."""
     recipe = setup_recipe(tiny_config(assets_root, tmp_path, ["gradient_accumulation_steps=2", "batch_size=2", *extra]))
+    assert recipe._output_pass.fused is (extra != ["fused_output.enabled=false"])
     batches = next(recipe._micro_batches())
     with host_reads() as reads:
         recipe._accumulate_gradients(batches)

@@ -73,15 +73,17 @@ def final_weights(out: Path, epoch: int = 0) -> dict:
     return load_file(out / f"epoch_{epoch}" / "model-00001-of-00001.safetensors")
 
 
-@pytest.mark.parametrize("kind", ["full", "lora", "full_fused"])
+@pytest.mark.parametrize("kind", ["full", "lora", "full_fused", "lora_default"])
 def test_cached_run_equals_the_live_run_step_by_step(tiny_assets, assets_root, tmp_path, full_cache, kind):
     """k = vocab: every logged value (CE, KD, agreement, entropy, grad norm, loss) and the final weights of a run
     from the cache equal the live-teacher run's, with shuffling and gradient accumulation; the teacher is never
     built."""
-    extra = [*(LORA_OVERRIDES if kind == "lora" else []), "max_steps_per_epoch=3", "gradient_accumulation_steps=2",
-             "seed=5"]
-    if kind == "full_fused":
-        extra += ["fused_output.enabled=true", "fused_output.chunk_size=100"]
+    extra = [*(LORA_OVERRIDES if kind.startswith("lora") else []), "max_steps_per_epoch=3",
+             "gradient_accumulation_steps=2", "seed=5"]
+    # full and lora: the unfused pass; full_fused: the fused one at a fixed chunk size; lora_default: the config's
+    # default (fused, chunk size from the shapes).
+    extra += {"full_fused": ["fused_output.enabled=true", "fused_output.chunk_size=100"], "lora_default": []}.get(
+        kind, ["fused_output.enabled=false"])
     live = run_recipe(tiny_config(assets_root, tmp_path / "live", [*COMMON, *extra]), RECIPE)
     cached = run_recipe(
         tiny_config(assets_root, tmp_path / "cached", [*COMMON, *extra, f"teacher_cache.path={full_cache}"]), RECIPE
@@ -93,6 +95,23 @@ def test_cached_run_equals_the_live_run_step_by_step(tiny_assets, assets_root, t
     wa, wb = final_weights(tmp_path / "live"), final_weights(tmp_path / "cached")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("extra", [["fused_output.enabled=false"], []], ids=["unfused", "default"])
+def test_a_cached_step_makes_no_host_sync(tiny_assets, assets_root, tmp_path, full_cache, extra):
+    """Reading a cached teacher's rows (ids, log-probabilities, entropy) adds no device sync to the step."""
+    from torchtune_kd.testing.host_sync import host_reads
+
+    cfg = tiny_config(assets_root, tmp_path, [*COMMON, "gradient_accumulation_steps=2", "batch_size=2",
+                                              f"teacher_cache.path={full_cache}", *extra])
+    recipe = RECIPE.KDRecipeSingleDevice(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    assert recipe._teacher_model is None and recipe._output_pass.fused is (not extra)
+    batches = next(recipe._micro_batches())
+    with host_reads() as reads:
+        recipe._accumulate_gradients(batches)
+    assert reads == []
+    recipe.cleanup()
 
 
 def test_packed_unchunked_compiled_cached_run_equals_the_live_run(tiny_assets, assets_root, tmp_path, monkeypatch):

@@ -170,10 +170,40 @@ def test_an_invalid_layer_mapping_gives_no_pairs():
 
 
 @pytest.mark.parametrize("kd_class, refused", [(kd_losses.ForwardKLLoss, False), (object, True), (None, False)])
-def test_fused_output_needs_a_divergence(kd_class, refused):
+def test_fused_output_enabled_needs_a_divergence(kd_class, refused):
     config = cfg(fused_output={"enabled": True}, kd_loss={"_component_": "x.Y"})
     found = execution.check_fused_output(config, kd_class)
-    assert any("needs a kd_losses divergence" in p for p in found.problems) is refused
+    assert any("is not a kd_losses divergence" in p for p in found.problems) is refused
+    assert found.fused is not refused
+
+
+@pytest.mark.parametrize("section", [None, {}, {"enabled": "auto"}, {"enabled": "auto", "chunk_size": "auto"}])
+def test_the_default_is_the_fused_pass_with_a_chunk_size_from_the_shapes(section):
+    config = cfg(kd_loss={"_component_": "kd_losses.ForwardKLLoss"}, model={})
+    if section is not None:
+        config.fused_output = section
+    found = execution.check_fused_output(config, kd_losses.ForwardKLLoss)
+    assert found.ok and found.fused and found.auto and found.chunk_size is None
+    assert found.notices == ["Output pass: fused (fused_output.enabled=auto: a kd_losses divergence and a plain "
+                             "student output layer); chunk size auto (about vocab / hidden chunks per step)."]
+
+
+@pytest.mark.parametrize("kd_class, model, why", [
+    (object, {}, "kd_loss._component_='x.Y' is not a kd_losses divergence"),
+    (kd_losses.ForwardKLLoss, {"apply_lora_to_output": True}, "model.apply_lora_to_output=true"),
+])
+def test_auto_takes_the_unfused_pass_where_the_fused_one_cannot_run_and_says_why(kd_class, model, why):
+    found = execution.check_fused_output(cfg(kd_loss={"_component_": "x.Y"}, model=model), kd_class)
+    assert found.ok and not found.fused and found.auto
+    assert len(found.notices) == 1 and found.notices[0].startswith("Output pass: unfused (fused_output.enabled=auto, and ")
+    assert why in found.notices[0]
+
+
+def test_an_explicit_setting_wins():
+    off = execution.check_fused_output(cfg(fused_output={"enabled": False}, kd_loss={}), kd_losses.ForwardKLLoss)
+    assert off.ok and not off.fused and off.notices == ["Output pass: unfused (fused_output.enabled=false)."]
+    sized = execution.check_fused_output(cfg(fused_output={"chunk_size": 96}, kd_loss={}), kd_losses.ForwardKLLoss)
+    assert sized.fused and sized.chunk_size == 96 and sized.notices[0].endswith("chunk size 96 tokens.")
 
 
 def test_fsdp_keys_are_a_notice_for_one_device_and_checked_for_many():

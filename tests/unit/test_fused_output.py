@@ -166,3 +166,60 @@ def test_a_nan_hidden_state_makes_every_sum_nan():
     h_s[3, 0] = float("nan")
     out = fused_output_token_sums(h_s, w_s.detach(), h_t, w_t, labels, kd, ce_coef=0.5, kd_coef=0.5, chunk_size=8)
     assert torch.isnan(out["ce"]) and torch.isnan(out["kd"]) and torch.isnan(out["objective"])
+
+
+# ------------------------------------------------------------------------------------------ chunk size from shapes
+
+
+@pytest.mark.parametrize("rows, vocab, hidden", [
+    (1, 1280, 64), (1024, 32000, 256), (1024, 128256, 256), (8192, 128256, 2048), (16384, 128256, 2048),
+    (8192, 151936, 896), (4096, 49152, 576), (3000, 1000, 4096),
+])
+def test_the_auto_chunk_size_follows_vocab_over_hidden(rows, vocab, hidden):
+    from torchtune_kd.core.fused_output import MIN_AUTO_CHUNK_ROWS, auto_chunk_size
+
+    size = auto_chunk_size(rows, vocab, hidden)
+    assert size >= MIN_AUTO_CHUNK_ROWS and size & (size - 1) == 0  # a power of two, never below the floor
+    if size > MIN_AUTO_CHUNK_ROWS:
+        # Above the floor: rows / ceil(vocab / hidden) rounded up to a power of two (one chunk's logits about the
+        # size of the hidden states).
+        chunks = -(-vocab // hidden)
+        assert size // 2 < -(-rows // chunks) <= size
+    # It scales with the step: more tokens never give smaller chunks.
+    assert auto_chunk_size(2 * rows, vocab, hidden) >= size
+
+
+def test_the_auto_chunk_size_at_llama_3_shapes():
+    from torchtune_kd.core.fused_output import auto_chunk_size
+
+    # 1B student (2048 wide), 4 x 2048 tokens: 63 chunks of 131 rows -> 256; the logits chunk is 256 x 128,256.
+    assert auto_chunk_size(8192, 128256, 2048) == 256
+    assert auto_chunk_size(65536, 128256, 2048) == 2048
+
+
+def test_chunk_size_none_is_the_auto_size_and_the_same_values():
+    kd = kd_losses.ForwardKLLoss()
+    base = inputs(4)
+    a, b = clones(base), clones(base)
+    auto = fused(*a, kd, 0.4, 0.6, None)
+    from torchtune_kd.core.fused_output import auto_chunk_size
+
+    explicit = fused(*b, kd, 0.4, 0.6, auto_chunk_size(ROWS, VOCAB, DIM_S))
+    for key in auto:
+        torch.testing.assert_close(auto[key], explicit[key], rtol=0, atol=0)
+    torch.testing.assert_close(a[0].grad, b[0].grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd"])
+def test_without_diagnostics_the_losses_and_gradients_are_unchanged(name):
+    kd = kd_losses.DIVERGENCES[name][0](temperature=2.0)
+    base = inputs(5)
+    a, b = clones(base), clones(base)
+    full = fused(*a, kd, 0.3, 0.7, 8)
+    sums = fused_output_token_sums(*b, kd, ce_coef=0.3, kd_coef=0.7, chunk_size=8, diagnostics=False)
+    sums["objective"].backward()
+    assert set(sums) == {"objective", "ce", "kd"}
+    for key in sums:
+        torch.testing.assert_close(sums[key].detach(), full[key], rtol=0, atol=0)
+    torch.testing.assert_close(b[0].grad, a[0].grad, rtol=0, atol=0)
+    torch.testing.assert_close(b[1].grad, a[1].grad, rtol=0, atol=0)

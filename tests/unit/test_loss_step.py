@@ -1,5 +1,6 @@
 """Per-micro-batch pieces: label shifting, token-sum CE, KD health diagnostics (float64 references)."""
 
+import pytest
 import torch
 
 from torchtune_kd.core import loss_step
@@ -39,3 +40,13 @@ def test_health_sums_match_reference_and_ignore_masked_rows():
         torch.testing.assert_close(e.double(), entropy, rtol=1e-5, atol=1e-6)
     a, e = loss_step.kd_health_sums(s, t, torch.full_like(labels, -100), -100)
     assert float(a) == 0.0 and float(e) == 0.0
+
+
+@pytest.mark.parametrize("log_every, every, due", [
+    (1, 10, [1, 10, 20, 30]),
+    (1, 1, list(range(1, 31))),
+    (5, 2, [5, 10, 20, 30]),  # logged steps 5, 10, 15, ...: the first and every 2nd of them
+    (4, 3, [4, 12, 24]),
+])
+def test_diagnostics_are_due_on_logged_steps_only(log_every, every, due):
+    assert [s for s in range(1, 31) if loss_step.diagnostics_due(s, log_every, every)] == due

@@ -36,7 +36,7 @@ from torchtune_kd import output_file
 
 METHODS = ["torchtune_forward_kl_chunked", "full_logits_torch_kl_div", "full_logits_ours_forward_kl"] + [
     f"ours_{name}_chunked" for name in ("forward_kl", "reverse_kl", "symmetric_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
-] + ["full_logits_torch_jsd", "ours_fused_forward_kl", "ours_fused_jsd"]
+] + ["full_logits_torch_jsd", "ours_fused_forward_kl", "ours_fused_jsd", "output_matmuls_floor"]
 PLAIN = "full_logits_torch_kl_div"
 # Each measurement runs as `python -m CHILD_MODULE --child ...` (this module), so peak memory is that case's alone.
 CHILD_MODULE = "torchtune_kd.cli.bench_losses"
@@ -118,6 +118,26 @@ def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: 
             return sums["objective"]
 
         loss_fn, chunked = None, None
+    elif method == "output_matmuls_floor":
+        # Only the matrix products every exact path makes, chunk by chunk: student and teacher logits, and a
+        # logits-sized gradient back through the student's output layer (to its input and its weight). No softmax,
+        # no loss: the time no divergence implementation can go below at this shape.
+        rows = -(-tokens // chunks)
+
+        def fused_step():
+            with torch.no_grad():
+                grad_w = torch.zeros_like(student_w)
+                for start in range(0, tokens, rows):
+                    h = hidden[start:start + rows]
+                    z = h @ student_w.T
+                    z_t = teacher_hidden[start:start + rows] @ teacher_w.T
+                    grad = z.sub_(z_t)  # stands in for the logit gradient: same shape, one elementwise pass
+                    hidden_grad = grad @ student_w
+                    grad_w.addmm_(grad.T, h)
+                    del z, z_t, grad, hidden_grad
+            return None
+
+        loss_fn, chunked = None, None
     else:
         import kd_losses
 
@@ -130,7 +150,8 @@ def child(method: str, tokens: int, vocab: int, dim: int, chunks: int, repeats: 
         start = time.perf_counter()
         if chunked is None:
             loss = fused_step()
-            loss.backward()
+            if loss is not None:
+                loss.backward()
             elapsed = time.perf_counter() - start
             del loss
             return elapsed

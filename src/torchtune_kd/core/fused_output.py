@@ -32,13 +32,35 @@ import torch.nn.functional as F
 
 import kd_losses
 
-# Tokens per chunk: at Llama 3's vocabulary one fp32 chunk of logits is 0.5 GB.
-DEFAULT_CHUNK_SIZE = 1024
+# The fewest rows a chunk derived from the shapes gets: below this the output matmuls read the whole (vocab, dim)
+# weight for a handful of rows; on 2 CPU cores 128-row chunks ran 4-15% slower than 256 at vocab 32k-128k.
+MIN_AUTO_CHUNK_ROWS = 256
+
+
+def auto_chunk_size(rows: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk derived from the shapes, as Liger-Kernel's fused linear cross-entropy does: about
+    ``vocab / hidden`` chunks, so that one chunk's ``(rows, vocab)`` logits are about the size of the ``(rows, hidden)``
+    hidden states, rounded up to a power of two and at least :data:`MIN_AUTO_CHUNK_ROWS`.
+
+    A fixed token count would be one chunk (full-vocabulary logits and their temporaries at once) whenever a step has
+    fewer tokens than it; this scales with the step instead.
+
+    Args:
+        rows (int): the micro-batch's tokens.
+        vocab (int): vocabulary size.
+        hidden (int): the student's hidden size.
+
+    Returns:
+        int: rows per chunk (may exceed ``rows``: then the pass is one chunk).
+    """
+    chunks = -(-vocab // max(hidden, 1))
+    per_chunk = -(-max(rows, 1) // chunks)
+    return max(1 << (per_chunk - 1).bit_length(), MIN_AUTO_CHUNK_ROWS)
 
 
 def chunk_sums_and_grad(
     z_s: torch.Tensor, teacher: Union[torch.Tensor, kd_losses.TeacherTopK], labels: torch.Tensor, kd_loss: Any,
-    ce_coef: Any, kd_coef: Any,
+    ce_coef: Any, kd_coef: Any, diagnostics: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunk: CE, KD (× T²), agreements and teacher entropy over counted rows, and the objective's logit gradient.
 
@@ -53,6 +75,8 @@ def chunk_sums_and_grad(
         labels (torch.Tensor): ``(rows,)``.
         kd_loss: the ``kd_losses`` divergence.
         ce_coef, kd_coef: the objective's coefficients (floats or 0-d tensors).
+        diagnostics (bool): compute ``agree`` and ``teacher_entropy`` (else both are 0: two argmax passes and an
+            entropy pass over ``(rows, vocab)`` saved).
 
     Returns:
         tuple: ``ce``, ``kd``, ``agree``, ``teacher_entropy`` (fp32 scalars) and ``∂objective/∂z_s`` ``(rows, vocab)``.
@@ -62,7 +86,7 @@ def chunk_sums_and_grad(
     sparse = isinstance(teacher, kd_losses.TeacherTopK)
     s_logp = torch.log_softmax(z_s, dim=-1)
     t_logp = teacher if sparse else torch.log_softmax(teacher, dim=-1)
-    agree, entropy = kd_losses.diagnostics(s_logp, t_logp, keep)
+    agree, entropy = kd_losses.diagnostics(s_logp, t_logp, keep) if diagnostics else (zero, zero)
     ce, grad = _ce_sum_and_grad(s_logp, labels, keep)
     temperature = kd_loss.temperature
     if temperature != 1.0:
@@ -113,6 +137,7 @@ def fused_sums_and_grads(
     chunk_size: int,
     weight_grad: bool,
     chunk_fn: Optional[Callable] = None,
+    diagnostics: bool = True,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
     """The fused pass itself, without autograd: token sums and the objective's gradients.
 
@@ -128,6 +153,7 @@ def fused_sums_and_grads(
         chunk_size (int): rows per chunk.
         weight_grad (bool): also compute ``∂/∂W_s``.
         chunk_fn (Optional[Callable]): :func:`chunk_sums_and_grad` or a compiled version of it.
+        diagnostics (bool): also the agreement and teacher-entropy sums (else they are 0).
 
     Returns:
         tuple: sums ``objective``, ``ce``, ``kd`` (× T²), ``agree``, ``teacher_entropy`` (fp32 scalars), the gradient
@@ -148,7 +174,7 @@ def fused_sums_and_grads(
         z_s = F.linear(h_s, student_weight).float()
         # A cached teacher's rows are its distribution already; live hidden states go through its output layer.
         teacher = teacher_rows if sparse else F.linear(teacher_rows.to(teacher_weight.dtype), teacher_weight).float()
-        ce, kd, agree, entropy, grad = chunk_fn(z_s, teacher, labels[rows], kd_loss, ce_coef, kd_coef)
+        ce, kd, agree, entropy, grad = chunk_fn(z_s, teacher, labels[rows], kd_loss, ce_coef, kd_coef, diagnostics)
         del z_s, teacher
         for key, value in (("ce", ce), ("kd", kd), ("agree", agree), ("teacher_entropy", entropy)):
             sums[key] += value
@@ -164,14 +190,14 @@ class _FusedOutputLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, labels, kd_loss, ce_coef, kd_coef,
-                chunk_size, chunk_fn):
+                chunk_size, chunk_fn, diagnostics):
         weight_grad = student_weight.requires_grad
         if isinstance(teacher_hidden, torch.Tensor):
             teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
         sums, grad_hidden, grad_weight = fused_sums_and_grads(
             student_hidden.detach(), student_weight.detach(), teacher_hidden, teacher_weight,
             labels, kd_loss, ce_coef=ce_coef, kd_coef=kd_coef, chunk_size=chunk_size, weight_grad=weight_grad,
-            chunk_fn=chunk_fn,
+            chunk_fn=chunk_fn, diagnostics=diagnostics,
         )
         ctx.weight_dtype = student_weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
@@ -186,7 +212,7 @@ class _FusedOutputLoss(torch.autograd.Function):
         scale = grad_objective.float()
         d_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype)
         d_weight = (grad_weight * scale).to(ctx.weight_dtype) if ctx.has_weight_grad else None
-        return d_hidden, d_weight, None, None, None, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None, None, None, None
 
 
 def fused_output_token_sums(
@@ -199,9 +225,10 @@ def fused_output_token_sums(
     *,
     ce_coef: Union[float, torch.Tensor],
     kd_coef: Union[float, torch.Tensor],
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
     chunk_fn: Optional[Callable] = None,
     teacher_entropy: Optional[torch.Tensor] = None,
+    diagnostics: bool = True,
 ) -> dict[str, torch.Tensor]:
     """CE, KD and diagnostics of one micro-batch from final hidden states, with the weighted objective's gradient.
 
@@ -219,15 +246,17 @@ def fused_output_token_sums(
         kd_loss: any ``kd_losses`` divergence (its ``temperature`` and ``ignore_index`` apply).
         ce_coef, kd_coef (float or 0-d tensor): the differentiable ``objective`` is ``ce_coef * ce + kd_coef * kd``;
             pass each component's weight divided by the step's counted tokens.
-        chunk_size (int): tokens per chunk (memory ~ ``chunk_size × vocab`` fp32 a few times over).
+        chunk_size (Optional[int]): tokens per chunk (memory ~ ``chunk_size × vocab`` fp32 a few times over);
+            ``None``: :func:`auto_chunk_size` of this micro-batch's tokens and the student's output weight.
         chunk_fn (Optional[Callable]): the per-chunk computation, e.g. ``compiled_chunk_fn("inductor")`` (default:
             :func:`chunk_sums_and_grad`, eager).
         teacher_entropy (Optional[torch.Tensor]): the cached teacher's entropy per token, when its ``TeacherTopK``
             does not carry it.
+        diagnostics (bool): also ``agree`` and ``teacher_entropy`` (the recipe asks on the steps it logs them).
 
     Returns:
-        dict[str, torch.Tensor]: ``objective`` (differentiable), and the detached fp32 sums ``ce``, ``kd`` (× T²),
-        ``agree`` and ``teacher_entropy`` over counted tokens — the unfused path's values.
+        dict[str, torch.Tensor]: ``objective`` (differentiable), and the detached fp32 sums ``ce``, ``kd`` (× T²)
+        and, with ``diagnostics``, ``agree`` and ``teacher_entropy`` over counted tokens — the unfused path's values.
 
     Raises:
         ValueError: different vocabularies, token counts or a bad ``chunk_size``; a cached teacher that does not
@@ -239,13 +268,15 @@ def fused_output_token_sums(
             f"student vocab size {student_weight.shape[0]} != teacher vocab size {teacher_weight.shape[0]}: logit "
             "distillation needs a shared vocabulary"
         )
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None (derived from the shapes)")
     rows_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(rows_s.shape[0], student_weight.shape[0], student_weight.shape[1])
     if cached:
         if teacher_entropy is not None:
             teacher_hidden = dataclasses.replace(teacher_hidden, entropy=teacher_entropy)
-        if teacher_hidden.entropy is None:
+        if teacher_hidden.entropy is None and diagnostics:
             raise ValueError(
                 "a cached teacher (TeacherTopK) needs its entropy (TeacherTopK.entropy or teacher_entropy)"
             )
@@ -264,8 +295,12 @@ def fused_output_token_sums(
         )
     objective, ce, kd, agree, entropy = _FusedOutputLoss.apply(
         rows_s, student_weight, rows_t, teacher_weight, flat_labels, kd_loss, ce_coef, kd_coef, chunk_size, chunk_fn,
+        diagnostics,
     )
-    return {"objective": objective, "ce": ce, "kd": kd, "agree": agree, "teacher_entropy": entropy}
+    sums = {"objective": objective, "ce": ce, "kd": kd}
+    if diagnostics:
+        sums.update(agree=agree, teacher_entropy=entropy)
+    return sums
 
 
 def compiled_chunk_fn(backend: str = "inductor") -> Callable:

@@ -271,6 +271,16 @@ def read_step_values(totals: Mapping[str, torch.Tensor], grad_norm: torch.Tensor
     return values
 
 
+def diagnostics_due(step: int, log_every_n_steps: int, diagnostics_every_n_steps: int) -> bool:
+    """Whether optimiser step ``step`` (from 1) computes the diagnostics (top-1 agreement, teacher entropy): the
+    first logged step and every ``diagnostics_every_n_steps``-th logged step after it, so that they are logged
+    wherever they are computed."""
+    if step % log_every_n_steps:
+        return False
+    logged = step // log_every_n_steps
+    return logged == 1 or logged % diagnostics_every_n_steps == 0
+
+
 def log_dict(values: Mapping[str, float], *, lr: float, elapsed: float) -> dict[str, float]:
     """The metrics of one optimiser step under the names the project logs (stdout, disk, W&B)."""
     logged = {
@@ -280,10 +290,11 @@ def log_dict(values: Mapping[str, float], *, lr: float, elapsed: float) -> dict[
         "grad_norm": values["grad_norm"],
         "lr": lr,
         "tokens_per_second": values["label_tokens"] / max(elapsed, 1e-9),
-        # Already means over the step's counted tokens.
-        "kd/top1_agreement": values["agree"],
-        "kd/teacher_entropy": values["teacher_entropy"],
     }
+    if "agree" in values:  # the steps the diagnostics were computed on (diagnostics_every_n_steps)
+        # Already means over the step's counted tokens.
+        logged["kd/top1_agreement"] = values["agree"]
+        logged["kd/teacher_entropy"] = values["teacher_entropy"]
     if "ir" in values:
         logged["ir_loss"] = values["ir"]
     for key, value in values.items():

@@ -56,7 +56,7 @@ class UnfusedPass:
 
     def token_sums(
         self, student: loss_step.Logits, teacher: TeacherSignal, labels: torch.Tensor,
-        coefficients: Optional[Dict[str, torch.Tensor]] = None,
+        coefficients: Optional[Dict[str, torch.Tensor]] = None, diagnostics: bool = True,
     ) -> Sums:
         """Token sums of one micro-batch.
 
@@ -66,9 +66,11 @@ class UnfusedPass:
                 ``(bsz, seq_len, k)`` with its ``entropy``.
             labels (torch.Tensor): shifted labels ``(bsz, seq_len)``.
             coefficients (Optional[Dict[str, torch.Tensor]]): unused: the objective is weighted after this pass.
+            diagnostics (bool): also ``agree`` and ``teacher_entropy``.
 
         Returns:
-            Sums: differentiable fp32 sums ``ce`` and ``kd`` (× T²), detached ``agree`` and ``teacher_entropy``.
+            Sums: differentiable fp32 sums ``ce`` and ``kd`` (× T²); with ``diagnostics`` the detached ``agree`` and
+            ``teacher_entropy``.
         """
         if isinstance(teacher, TeacherLogits):
             target = teacher.logits
@@ -78,7 +80,9 @@ class UnfusedPass:
             raise _wrong_signal(teacher, "TeacherLogits")
         losses = self._losses
         sums = {"ce": losses.ce_token_sum(student, labels)}
-        if kd_losses.is_divergence(losses.kd_loss):
+        if not diagnostics:
+            sums["kd"], _ = losses.kd_token_sum(student, target, labels)
+        elif kd_losses.is_divergence(losses.kd_loss):
             # Its blocks are the compiled ones when compile is on (compile_blocks).
             sums["kd"], sums["agree"], sums["teacher_entropy"] = losses.kd_loss.token_sum_and_diagnostics(
                 student, target, labels
@@ -98,7 +102,8 @@ class FusedPass:
         kd_loss (kd_losses.Divergence): the divergence (its hand-derived gradients are what the pass needs).
         student_weight (Callable[[], torch.Tensor]): the student's whole output weight ``(vocab, dim_s)`` (the
             embedding when tied), read at each call (data parallelism gathers a sharded one).
-        chunk_size (int): tokens per chunk.
+        chunk_size (Optional[int]): tokens per chunk; ``None``: derived from each micro-batch's shapes
+            (``fused_output.auto_chunk_size``).
         chunk_fn (Optional[Callable]): the per-chunk computation, e.g. ``fused_output.compiled_chunk_fn()``
             (default: the eager one).
 
@@ -110,7 +115,7 @@ class FusedPass:
     teacher_form = HIDDEN
 
     def __init__(
-        self, kd_loss: nn.Module, student_weight: Callable[[], torch.Tensor], chunk_size: int,
+        self, kd_loss: nn.Module, student_weight: Callable[[], torch.Tensor], chunk_size: Optional[int] = None,
         chunk_fn: Optional[Callable] = None,
     ) -> None:
         if not kd_losses.is_divergence(kd_loss):
@@ -129,7 +134,7 @@ class FusedPass:
 
     def token_sums(
         self, student: torch.Tensor, teacher: TeacherSignal, labels: torch.Tensor,
-        coefficients: Optional[Dict[str, torch.Tensor]] = None,
+        coefficients: Optional[Dict[str, torch.Tensor]] = None, diagnostics: bool = True,
     ) -> Sums:
         """Token sums of one micro-batch and the differentiable objective ``c_ce · ce + c_kd · kd``.
 
@@ -140,10 +145,11 @@ class FusedPass:
             labels (torch.Tensor): shifted labels ``(bsz, seq_len)``.
             coefficients (Optional[Dict[str, torch.Tensor]]): ``ce`` and ``kd``: each component's weight divided by
                 the step's counted tokens.
+            diagnostics (bool): also ``agree`` and ``teacher_entropy``.
 
         Returns:
-            Sums: ``objective`` (differentiable) and the detached fp32 sums ``ce``, ``kd`` (× T²), ``agree`` and
-            ``teacher_entropy``.
+            Sums: ``objective`` (differentiable) and the detached fp32 sums ``ce``, ``kd`` (× T²) and, with
+            ``diagnostics``, ``agree`` and ``teacher_entropy``.
 
         Raises:
             ValueError: no coefficients.
@@ -161,6 +167,7 @@ class FusedPass:
         return fused_output.fused_output_token_sums(
             student, self._student_weight(), teacher_rows, teacher_weight, labels, self.kd_loss,
             ce_coef=coefficients["ce"], kd_coef=coefficients["kd"], chunk_size=self.chunk_size, chunk_fn=self.chunk_fn,
+            diagnostics=diagnostics,
         )
 
 
@@ -176,6 +183,7 @@ def micro_batch_sums(
     coefficients: Optional[Dict[str, torch.Tensor]] = None,
     *,
     activations: Optional[ContextManager] = None,
+    diagnostics: bool = True,
 ) -> tuple[Sums, Batch]:
     """The loss step of one micro-batch, whatever the teacher source and the pass: the recipe's one path.
 
@@ -190,6 +198,8 @@ def micro_batch_sums(
         ignore_index (int): label value that does not count.
         coefficients (Optional[Dict[str, torch.Tensor]]): the fused pass's ``ce`` and ``kd`` coefficients.
         activations (Optional[ContextManager]): the context of the student's forward (activation offloading).
+        diagnostics (bool): also the top-1 agreement and teacher-entropy sums (the recipe asks on the steps it logs
+            them: two argmax passes and an entropy pass over ``(tokens, vocab)`` saved on the others).
 
     Returns:
         tuple[Sums, Batch]: the pass's token sums and the batch the student trained on (the source's ``prepare``),
@@ -200,4 +210,4 @@ def micro_batch_sums(
     with output_pass.student_output(student), (activations or contextlib.nullcontext()):
         output = student(batch["tokens"], mask=batch.get("mask", None), input_pos=batch.get("input_pos", None))
     signal = teacher.signal(batch, labels, form=output_pass.teacher_form)
-    return output_pass.token_sums(output, signal, labels, coefficients), batch
+    return output_pass.token_sums(output, signal, labels, coefficients, diagnostics=diagnostics), batch

@@ -91,7 +91,10 @@ def validate_config(
     report.add(top_level.check_keys(cfg))
     report.add(top_level.check_run_size(cfg))
     report.add(execution.check_fsdp(cfg, world_size))
-    report.add(execution.check_fused_output(cfg, losses.kd_class))
+    output_path = execution.check_fused_output(cfg, losses.kd_class)
+    if writing_cache:  # the pre-pass runs no output pass: which one training would take is not its news
+        output_path.notices.clear()
+    report.add(output_path)
     report.add(top_level.check_training(cfg, check_device=check_device))
     weighting = report.add(loss_checks.check_weighting(cfg)).weighting
     report.add(losses)
@@ -148,4 +151,5 @@ def validate_config(
         raise ConfigError(report.problems)
     if facts is not None:
         facts.notices = report.notices
+        facts.output_path = output_path
     return facts

@@ -89,8 +89,24 @@ class TeacherHidden:
 TeacherSignal = Union[TeacherLogits, TeacherHidden, kd_losses.TeacherTopK]
 
 
+#: What :meth:`CachedTeacher.on_host` adds to a batch: the cached rows, which move to the device with it.
+CACHED_ROWS = ("teacher_ids", "teacher_logprobs", "teacher_log_tail", "teacher_entropy")
+
+
 class TeacherSource:
     """The teacher's signal for each micro-batch (see the module docstring for the forms and the sources to come)."""
+
+    def on_host(self, batch: Batch) -> Batch:
+        """Work on the collated micro-batch while it is still on the host, before the recipe moves it to the device
+        (outside the training step, so that host work there costs the step no device sync). Default: none.
+
+        Args:
+            batch (Batch): the collated micro-batch on the host.
+
+        Returns:
+            Batch: the batch, with whatever tensors the source adds (they move to the device with it).
+        """
+        return batch
 
     def prepare(self, batch: Batch) -> Batch:
         """The micro-batch the student trains on.
@@ -153,6 +169,9 @@ class LiveTeacher(TeacherSource):
 class TopKLookup(Protocol):
     """What :class:`CachedTeacher` reads: ``core.teacher_cache.TeacherCache``'s lookup."""
 
+    ignore_index: int
+    temperature: float
+
     def lookup(
         self, sample_ids: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor, real_tokens: torch.Tensor,
         unshifted_labels: torch.Tensor,
@@ -163,7 +182,8 @@ class CachedTeacher(TeacherSource):
     """The teacher's top-k distributions and entropies read from a teacher cache by sample id.
 
     The lookup checks every item against the hash it was cached from (a changed dataset is refused, naming the
-    item); it reads the batch's sample ids and counts on the host, the cache's only host reads in a step.
+    item) and reads the batch's sample ids and counts: host work on host data, done in :meth:`on_host` before the
+    batch moves to the device, so that the training step itself makes no host read (``tests/e2e`` checks it).
 
     Args:
         cache (TopKLookup): an open ``core.teacher_cache.TeacherCache``.
@@ -172,9 +192,23 @@ class CachedTeacher(TeacherSource):
     def __init__(self, cache: TopKLookup) -> None:
         self.cache = cache
 
+    def on_host(self, batch: Batch) -> Batch:
+        """The batch with its cached rows (:data:`CACHED_ROWS`), looked up on the host."""
+        labels = loss_step.shift_labels(batch["labels"], self.cache.ignore_index)
+        teacher, entropy = self._lookup(batch, labels)
+        return {**batch, "teacher_ids": teacher.ids, "teacher_logprobs": teacher.logprobs,
+                "teacher_log_tail": teacher.log_tail, "teacher_entropy": entropy}
+
     def signal(self, batch: Batch, labels: torch.Tensor, *, form: str) -> kd_losses.TeacherTopK:
-        """The cached ``kd_losses.TeacherTopK`` ``(bsz, seq_len, k)`` with its ``entropy``, whatever ``form``."""
-        teacher, entropy = self.cache.lookup(
+        """The cached ``kd_losses.TeacherTopK`` ``(bsz, seq_len, k)`` with its ``entropy``, whatever ``form``: the
+        rows :meth:`on_host` added, or (for a batch that did not pass through it) a lookup now."""
+        if all(key in batch for key in CACHED_ROWS):
+            ids, logprobs, log_tail, entropy = (batch[key] for key in CACHED_ROWS)
+            return kd_losses.TeacherTopK(ids, logprobs, log_tail, self.cache.temperature, entropy)
+        teacher, entropy = self._lookup(batch, labels)
+        return dataclasses.replace(teacher, entropy=entropy)
+
+    def _lookup(self, batch: Batch, labels: torch.Tensor) -> tuple[kd_losses.TeacherTopK, torch.Tensor]:
+        return self.cache.lookup(
             batch[data.SAMPLE_ID_KEY], labels, batch["tokens"], batch[loss_step.REAL_TOKENS_KEY], batch["labels"]
         )
-        return dataclasses.replace(teacher, entropy=entropy)

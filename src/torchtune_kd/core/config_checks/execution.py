@@ -4,6 +4,7 @@ distributed recipe."""
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig
@@ -13,50 +14,101 @@ from torchtune_kd.core.config_checks.common import Findings, show
 
 FUSED_OUTPUT_KEYS = frozenset({"enabled", "chunk_size"})
 FSDP_KEYS = ("fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers")
+AUTO = "auto"
 
 
-def check_fused_output(cfg: DictConfig, kd_class: Any) -> Findings:
-    """``fused_output: {enabled, chunk_size}``: what the fused output + loss pass supports.
+@dataclass
+class OutputPathFindings(Findings):
+    """What :func:`check_fused_output` found and decided.
+
+    Attributes:
+        fused (bool): the run takes the fused output pass.
+        chunk_size (Optional[int]): tokens per chunk of the fused pass; ``None``: derived from each micro-batch's
+            shapes (``fused_output.auto_chunk_size``).
+        auto (bool): the path was chosen by ``enabled: auto`` (so a student whose output layer turns out not to be a
+            plain linear at set-up falls back to the unfused pass instead of failing).
+        reason (str): why this path, for the start-up line.
+    """
+
+    fused: bool = False
+    chunk_size: Optional[int] = None
+    auto: bool = True
+    reason: str = ""
+
+
+def _unfused_reasons(cfg: DictConfig, kd_class: Any) -> list[str]:
+    """What in the config the fused pass cannot do (each a reason naming the key), empty when it can run."""
+    reasons = []
+    model = cfg.get("model", None)
+    if isinstance(model, DictConfig) and model.get("apply_lora_to_output", False) is True:
+        reasons.append(
+            "model.apply_lora_to_output=true: the fused pass computes the student's logits from model.output's "
+            "weight, which LoRA on the output layer would change"
+        )
+    if kd_class is not None and not kd_losses.is_divergence(kd_class):
+        reasons.append(
+            f"kd_loss._component_={cfg.kd_loss._component_!r} is not a kd_losses divergence (the fused pass uses "
+            "their hand-derived gradients)"
+        )
+    return reasons
+
+
+def check_fused_output(cfg: DictConfig, kd_class: Any) -> OutputPathFindings:
+    """``fused_output: {enabled, chunk_size}``: which output pass the run takes, and why.
+
+    ``enabled`` is ``auto`` (the default, also when the section is absent), ``true`` or ``false``. ``auto`` takes
+    the fused pass (the output layer, CE and KD in one chunked pass: ``core.fused_output``) wherever it supports
+    the setting: a ``kd_losses`` divergence and a student output layer without LoRA; otherwise the unfused pass,
+    saying why. ``true`` where the fused pass cannot run is a problem naming the key. ``chunk_size`` is ``auto``
+    (the default: derived from the shapes) or a positive token count.
 
     Args:
         cfg (DictConfig): the config.
         kd_class (Any): the imported ``kd_loss._component_``, ``None`` when it does not import (reported where
             ``kd_loss`` is checked).
     """
-    found = Findings()
+    found = OutputPathFindings()
     problems = found.problems
     fused = cfg.get("fused_output", None)
     if fused is None:
-        return found
+        fused = DictConfig({})
     if not isinstance(fused, DictConfig):
-        problems.append(f"fused_output={show(fused)} must be a mapping, e.g. fused_output: {{enabled: true, chunk_size: 1024}}")
+        problems.append(f"fused_output={show(fused)} must be a mapping, e.g. fused_output: {{enabled: auto, chunk_size: auto}}")
         return found
     for key in fused.keys():
         if key not in FUSED_OUTPUT_KEYS:
             close = difflib.get_close_matches(str(key), sorted(FUSED_OUTPUT_KEYS), n=1)
             fix = f"did you mean 'fused_output.{close[0]}'?" if close else f"the keys are {sorted(FUSED_OUTPUT_KEYS)}"
             problems.append(f"unknown key 'fused_output.{key}': {fix}")
-    enabled = fused.get("enabled", False)
-    if not isinstance(enabled, bool):
-        problems.append(f"fused_output.enabled={enabled!r} must be true or false")
+    enabled = fused.get("enabled", AUTO)
+    if not (isinstance(enabled, bool) or enabled == AUTO):
+        problems.append(f"fused_output.enabled={enabled!r} must be auto, true or false")
         return found
-    chunk = fused.get("chunk_size", 1024)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        problems.append(f"fused_output.chunk_size={chunk!r} must be an integer >= 1 (tokens per chunk, e.g. 1024)")
-    if not enabled:
-        return found
-    model = cfg.get("model", None)
-    if isinstance(model, DictConfig) and model.get("apply_lora_to_output", False) is True:
+    chunk = fused.get("chunk_size", AUTO)
+    if chunk != AUTO and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         problems.append(
-            "fused_output.enabled=true computes the student's logits from model.output's weight, which LoRA on the "
-            "output layer would change: set model.apply_lora_to_output=false or fused_output.enabled=false"
+            f"fused_output.chunk_size={chunk!r} must be auto (derived from the vocabulary, hidden size and tokens of "
+            "each step) or an integer >= 1 (tokens per chunk)"
         )
-    if kd_class is not None and not kd_losses.is_divergence(kd_class):
-        problems.append(
-            f"fused_output.enabled=true needs a kd_losses divergence (it uses their hand-derived gradients), but "
-            f"kd_loss._component_={cfg.kd_loss._component_!r} is not one: use e.g. kd_losses.ForwardKLLoss, or "
-            "fused_output.enabled=false"
-        )
+    found.chunk_size = None if chunk == AUTO or not isinstance(chunk, int) else chunk
+    reasons = _unfused_reasons(cfg, kd_class)
+    found.auto = enabled == AUTO
+    if enabled is False:
+        found.reason = "fused_output.enabled=false"
+    elif enabled is True and reasons:
+        problems.extend(f"fused_output.enabled=true, but {reason}: fix that, or set fused_output.enabled=false (or auto)"
+                        for reason in reasons)
+    elif reasons:
+        found.reason = f"fused_output.enabled=auto, and {'; '.join(reasons)}"
+    else:
+        found.fused = True
+        found.reason = (f"fused_output.enabled={'auto' if found.auto else 'true'}: a kd_losses divergence and a plain "
+                        "student output layer")
+    size = "auto (about vocab / hidden chunks per step)" if found.chunk_size is None else f"{found.chunk_size} tokens"
+    found.notices.append(
+        f"Output pass: {'fused' if found.fused else 'unfused'} ({found.reason})"
+        + (f"; chunk size {size}." if found.fused else ".")
+    )
     return found
 
 

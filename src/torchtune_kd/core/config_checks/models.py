@@ -44,6 +44,8 @@ class ModelFacts:
         dataset (Any): the built dataset (a ``ConcatDataset`` for a list of datasets; ``build_data=True``), else
             ``None``.
         num_samples (Optional[int]): ``len(dataset)`` (packs when packed; ``build_data=True``), else ``None``.
+        output_path (Any): the output pass the run takes (``config_checks.execution.OutputPathFindings``: fused or
+            not, chunk size, why), set by the pre-flight.
     """
 
     student_depth: int
@@ -60,6 +62,7 @@ class ModelFacts:
     tokenizer: Any = field(default=None, repr=False, compare=False)
     dataset: Any = field(default=None, repr=False, compare=False)
     num_samples: Optional[int] = None
+    output_path: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass

@@ -26,7 +26,7 @@ KNOWN_TOP_LEVEL_KEYS = frozenset(
         # torchtune-kd additions
         "layer_mapping", "ir_loss", "loss_scaling", "projection_lr_multiplier", "save_projections",
         "save_every_n_steps", "keep_last_n", "overwrite_output_dir", "max_nonfinite_steps", "fused_output",
-        "teacher_cache",
+        "teacher_cache", "diagnostics_every_n_steps",
         # the distributed recipe (torchtune's distributed recipes' names)
         *("fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers"),
     }
@@ -41,6 +41,7 @@ OPTIONAL_COMPONENTS = ("lr_scheduler", "ir_loss", "profiler")
 TRAINING_INTS = (
     ("gradient_accumulation_steps", 1, False),
     ("log_every_n_steps", 1, False),
+    ("diagnostics_every_n_steps", 1, True),
     ("max_steps_per_epoch", 1, True),
     ("save_every_n_steps", 1, True),
     ("keep_last_n", 1, True),
