@@ -93,6 +93,11 @@ class KDRecipeDistributed(KDRecipeSingleDevice):
     def _reduce_sum(self) -> Optional[Any]:
         return distributed.all_reduce_sum
 
+    def _all_done(self, done: torch.Tensor) -> bool:
+        # Every rank makes the same number of sampling forwards (each gathers the sharded weights).
+        undone = (~done).sum().to(torch.float32).reshape(1)
+        return float(distributed.all_reduce_sum(undone)) == 0.0
+
     def _clip_gradients(self) -> torch.Tensor:
         return distributed.full_tensor(super()._clip_gradients())
 

@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 from torchtune_kd import output_folder
 from torchtune_kd.core import (
-    alignment, checkpointing, data, fused_output, loss_step, loss_weighting, models, output_pass, preflight, safety,
-    teacher_cache, teacher_source, training_state,
+    alignment, checkpointing, data, fused_output, loss_step, loss_weighting, models, on_policy, output_pass, preflight,
+    safety, teacher_cache, teacher_source, training_state,
 )
 
 log = utils.get_logger("INFO")
@@ -72,6 +72,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         # passes and an entropy pass over the step's [tokens, vocab]).
         self._diagnostics_every = int(cfg.get("diagnostics_every_n_steps", None) or DIAGNOSTICS_EVERY_N_STEPS)
         self._diagnose = True
+        self._step_kind = teacher_source.DATA
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", True)
 
         self.seed = training.set_seed(seed=cfg.seed, debug_mode=cfg.get("cudnn_deterministic_mode", None))
@@ -89,6 +90,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._save_every_n_steps = cfg.get("save_every_n_steps", None)
         self._keep_last_n = int(cfg.get("keep_last_n", 1))
         self._guard = safety.NonFiniteGuard(int(cfg.get("max_nonfinite_steps", 0)))
+        self._on_policy = on_policy.settings(cfg.get("on_policy", None))
         cache = cfg.get("teacher_cache", None)
         self._cache_settings = teacher_cache.settings(cache) if cache is not None else None
         self._teacher_cache: Optional[teacher_cache.TeacherCache] = None
@@ -113,6 +115,11 @@ class KDRecipeSingleDevice(FTRecipeInterface):
     def _reduce_sum(self) -> Optional[Any]:
         """Data-parallel hook: the sum over ranks for the step's token counts and means (``None``: one process)."""
         return None
+
+    def _all_done(self, done: torch.Tensor) -> bool:
+        """Data-parallel hook: whether every sequence being sampled has stopped (on every rank: each sampled token
+        is a forward that every rank must make)."""
+        return bool(done.all())
 
     def _clip_gradients(self) -> torch.Tensor:
         """Data-parallel hook: clip (when ``clip_grad_norm`` is set) and return the total gradient norm."""
@@ -250,6 +257,8 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             self._teacher_source = teacher_source.LiveTeacher(
                 self._teacher_model, output_weight=partial(self._output_weight, self._teacher_model)
             )
+            if self._on_policy.active:
+                self._teacher_source = self._generating_teacher(cfg, self._teacher_source)
         self._fused_chunk_fn = None
         self._fused = self._output_path_is_fused(models_with_output)
         if self._fused:
@@ -308,6 +317,24 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._profiler = self._setup_profiler(cfg.get(PROFILER_KEY, None))
         self._activations_handling_ctx = training.get_act_offloading_ctx_manager(
             self._model, cfg.get("enable_activation_offloading", False)
+        )
+
+    def _generating_teacher(self, cfg: DictConfig, live: teacher_source.LiveTeacher) -> on_policy.GeneratingTeacher:
+        """The live teacher scoring sequences sampled from the student (``on_policy``, ``core.on_policy``)."""
+        tokenizer = self._tokenizer
+        stop_tokens = list(getattr(tokenizer, "stop_tokens", None) or [tokenizer.eos_id])
+        settings = self._on_policy
+        log.info(
+            f"On-policy distillation: {settings.fraction:.0%} of the steps on the student's own samples "
+            f"(up to {settings.max_new_tokens} new tokens, temperature {settings.temperature}, top_k {settings.top_k}, "
+            f"top_p {settings.top_p}); the other steps on "
+            f"{'the teacher' + chr(39) + 's samples' if settings.teacher_generated else 'the data'}."
+        )
+        synchronize = (lambda: torch.cuda.synchronize(self._device)) if self._device.type == "cuda" else (lambda: None)
+        return on_policy.GeneratingTeacher(
+            live, self._model, settings, seed=self.seed, rank=self.rank, ignore_index=self._ignore_index,
+            pad_id=tokenizer.pad_id, stop_tokens=stop_tokens, max_seq_len=cfg.tokenizer.get("max_seq_len", None),
+            dtype=self._dtype, all_done=self._all_done, synchronize=synchronize,
         )
 
     def _restore_training_state(self, state: training_state.TrainingState) -> None:
@@ -477,10 +504,13 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             detached diagnostics ``agree`` and ``teacher_entropy``; with ``fused_output`` also the differentiable
             ``objective`` (the weighted CE + KD, whose sums are then detached).
         """
-        sums, batch = output_pass.micro_batch_sums(
+        sums = output_pass.micro_batch_sums(
             self._model, self._teacher_source, self._output_pass, batch, self._ignore_index, coefficients,
             activations=self._activations_handling_ctx, diagnostics=self._diagnose,
         )
+        if self._step_kind == teacher_source.STUDENT:
+            # The labels are the student's own samples: their CE is logged, not trained on (core.on_policy).
+            sums[on_policy.STUDENT_NLL] = sums.pop("ce").detach()
         if self._aligner is not None:
             pair_sums, _ = self._aligner.token_sums(
                 self._student_capture.pop(), self._teacher_capture.pop(), batch[loss_step.REAL_TOKENS_KEY]
@@ -490,14 +520,15 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         return sums
 
     def _accumulate_gradients(self, batches: List[Dict[str, torch.Tensor]]) -> tuple:
-        """Forward/backward the step's micro-batches; each contributes ``sum / step_tokens`` (global under data
-        parallelism, where FSDP's averaging over ranks is undone by scaling the backward by the world size)."""
+        """Forward/backward the step's (prepared) micro-batches; each contributes ``sum / step_tokens`` (global
+        under data parallelism, where FSDP's averaging over ranks is undone by scaling the backward by the world
+        size). A step on the student's own samples trains no CE."""
+        components = ["ce"] if self._step_kind != teacher_source.STUDENT else []
+        components += ["kd"] + (["ir"] if self._aligner is not None else [])
         return loss_step.accumulate_gradients(
             batches, self._loss_step, self._weighting, self._ignore_index,
             reduce_sum=self._reduce_sum(), grad_scale=float(self.world_size),
-            fused_components=(
-                (["ce", "kd"] + (["ir"] if self._aligner is not None else [])) if self._output_pass.fused else None
-            ),
+            fused_components=components if self._output_pass.fused else None,
         )
 
     def _micro_batches(self) -> Iterator[List[Dict[str, torch.Tensor]]]:
@@ -509,6 +540,16 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             if len(group) == self._gradient_accumulation_steps:
                 yield group
                 group = []
+
+    def _generation_metrics(self, elapsed: float) -> Dict[str, float]:
+        """The step's ``on_policy/*`` metrics (none without ``on_policy``); the counts are summed over ranks."""
+        source = self._teacher_source
+        if not isinstance(source, on_policy.GeneratingTeacher):
+            return {}
+        counts = source.step_counts()
+        if self._step_kind != teacher_source.DATA and self._reduce_sum() is not None:
+            counts = self._reduce_sum()(counts.to(self._device)).cpu()
+        return on_policy.step_metrics(self._step_kind, counts.tolist(), source.stats, elapsed)
 
     def _peak_memory(self) -> Dict[str, float]:
         """Data-parallel hook: this process's peak memory since the last call (GiB)."""
@@ -569,6 +610,8 @@ class KDRecipeSingleDevice(FTRecipeInterface):
                 torch.cuda.memory._record_memory_history()
 
             self._diagnose = loss_step.diagnostics_due(self.global_step + 1, self._log_every_n_steps, self._diagnostics_every)
+            # The step's sequences: the data's, or (on-policy) sampled now, before any token count is taken.
+            self._step_kind, batches = teacher_source.prepare_step(self._teacher_source, self.global_step + 1, batches)
             totals, weights = self._accumulate_gradients(batches)
             grad_norm = self._clip_gradients()
             values = loss_step.read_step_values(totals, grad_norm, weights)
@@ -587,8 +630,9 @@ class KDRecipeSingleDevice(FTRecipeInterface):
 
             pbar.update(1)
             pbar.set_description(f"{curr_epoch + 1}|{self.global_step}|Loss: {values['loss']:.4f}")
+            generation = self._generation_metrics(elapsed=time.perf_counter() - t0)
             if self.global_step % self._log_every_n_steps == 0:
-                self._log_metrics(values, elapsed=time.perf_counter() - t0)
+                self._log_metrics({**values, **generation}, elapsed=time.perf_counter() - t0)
             t0 = time.perf_counter()
             if profiling_memory and step_in_epoch == (
                 self.profiler_wait_steps + self.profiler_warmup_steps + self.profiler_active_steps

@@ -8,6 +8,8 @@ Divergences between the teacher's next-token distribution ``p_t`` and the studen
 ``SymmetricKLLoss``        (1−λ)·KL(p_t‖p_s) + λ·KL(p_s‖p_t)
 ``JSDistanceLoss``         λ·KL(p_s‖m) + (1−λ)·KL(p_t‖m), m = (1−λ)·p_t + λ·p_s (generalised JSD, ≤ H(λ) ≤ ln 2)
 ``TVDistanceLoss``         ½·Σ|p_t − p_s| (≤ 1)
+``GeneralizedJSDLoss``     GKD's JSD(β): β·KL(p_t‖m) + (1−β)·KL(p_s‖m), m = β·p_t + (1−β)·p_s; β = 0 forward KL,
+                           β = 1 reverse KL (on-policy distillation, Agarwal et al. 2024)
 ``SkewForwardKLLoss``      KL(p_t ‖ α·p_t + (1−α)·p_s) (DistiLLM's skew KL)
 ``SkewReverseKLLoss``      KL(p_s ‖ α·p_s + (1−α)·p_t) (DistiLLM's skew reverse KL)
 =========================  ====================================================================================
@@ -65,7 +67,8 @@ from torch import nn
 Logits = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 __all__ = [
-    "ForwardKLLoss", "ReverseKLLoss", "SymmetricKLLoss", "JSDistanceLoss", "TVDistanceLoss", "SkewForwardKLLoss",
+    "ForwardKLLoss", "ReverseKLLoss", "SymmetricKLLoss", "JSDistanceLoss", "TVDistanceLoss", "GeneralizedJSDLoss",
+    "SkewForwardKLLoss", "GeneralizedJSDWithChunkedOutputLoss",
     "SkewReverseKLLoss", "ForwardKLWithChunkedOutputLoss", "ReverseKLWithChunkedOutputLoss",
     "SymmetricKLWithChunkedOutputLoss", "JSDistanceWithChunkedOutputLoss", "TVDistanceWithChunkedOutputLoss",
     "SkewForwardKLWithChunkedOutputLoss", "SkewReverseKLWithChunkedOutputLoss", "CosineIRLoss", "MSEIRLoss",
@@ -776,6 +779,37 @@ class JSDistanceLoss(Divergence):
         return values, _through_softmax(p_s, student_terms).mul_(lam)
 
 
+class GeneralizedJSDLoss(Divergence):
+    """GKD's generalised Jensen-Shannon divergence JSD(β) (Agarwal et al., 2024; TRL's ``GKDTrainer``):
+
+    β·KL(p_t‖m) + (1−β)·KL(p_s‖m), m = β·p_t + (1−β)·p_s, for 0 < β < 1;
+    β = 0 is the forward KL(p_t‖p_s) and β = 1 the reverse KL(p_s‖p_t).
+
+    The endpoints follow the paper's and TRL's convention rather than the limit: as β → 0 the mixture tends to p_s
+    and JSD(β) ≈ β·KL(p_t‖p_s) (a forward KL scaled by β), as β → 1 it is ≈ (1−β)·KL(p_s‖p_t); at the endpoints
+    the unscaled KLs are used. For 0 < β < 1 it is :class:`JSDistanceLoss` with λ = 1 − β.
+
+    Args:
+        beta (float): β ∈ [0, 1]. Default 0.5.
+    """
+
+    def __init__(self, beta: float = 0.5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.beta = _check_fraction("beta", beta)
+        if self.beta == 0.0:
+            self._impl: Divergence = ForwardKLLoss()
+        elif self.beta == 1.0:
+            self._impl = ReverseKLLoss()
+        else:
+            self._impl = JSDistanceLoss(lambda_weight=1.0 - self.beta)
+
+    def per_token(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        return self._impl.per_token(s_logp, t_logp)
+
+    def value_and_grad(self, s_logp: torch.Tensor, t_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._impl.value_and_grad(s_logp, t_logp)
+
+
 class TVDistanceLoss(Divergence):
     """Total variation distance ½·Σ|p_t − p_s| ∈ [0, 1]."""
 
@@ -941,6 +975,7 @@ ReverseKLWithChunkedOutputLoss = _chunked(ReverseKLLoss, "ReverseKL")
 SymmetricKLWithChunkedOutputLoss = _chunked(SymmetricKLLoss, "SymmetricKL")
 JSDistanceWithChunkedOutputLoss = _chunked(JSDistanceLoss, "JSDistance")
 TVDistanceWithChunkedOutputLoss = _chunked(TVDistanceLoss, "TVDistance")
+GeneralizedJSDWithChunkedOutputLoss = _chunked(GeneralizedJSDLoss, "GeneralizedJSD")
 SkewForwardKLWithChunkedOutputLoss = _chunked(SkewForwardKLLoss, "SkewForwardKL")
 SkewReverseKLWithChunkedOutputLoss = _chunked(SkewReverseKLLoss, "SkewReverseKL")
 
@@ -951,6 +986,7 @@ DIVERGENCES: dict[str, tuple[type, type]] = {
     "symmetric_kl": (SymmetricKLLoss, SymmetricKLWithChunkedOutputLoss),
     "jsd": (JSDistanceLoss, JSDistanceWithChunkedOutputLoss),
     "tvd": (TVDistanceLoss, TVDistanceWithChunkedOutputLoss),
+    "gkd_jsd": (GeneralizedJSDLoss, GeneralizedJSDWithChunkedOutputLoss),
     "skew_kl": (SkewForwardKLLoss, SkewForwardKLWithChunkedOutputLoss),
     "skew_reverse_kl": (SkewReverseKLLoss, SkewReverseKLWithChunkedOutputLoss),
 }

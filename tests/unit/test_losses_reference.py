@@ -28,7 +28,7 @@ def ref_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 
 def reference(name: str, s_logits: torch.Tensor, t_logits: torch.Tensor, *, T: float = 1.0, lam: float = 0.5,
-              alpha: float = 0.1) -> torch.Tensor:
+              alpha: float = 0.1, beta: float = 0.5) -> torch.Tensor:
     """Per-token divergence from the definitions in float64, × T².
 
     Log-probabilities come from float64 log-softmax (so a logit gap of 1e4 gives log p = -1e4, not log 0);
@@ -48,6 +48,14 @@ def reference(name: str, s_logits: torch.Tensor, t_logits: torch.Tensor, *, T: f
         value = lam * ref_kl(ls, log_m) + (1 - lam) * ref_kl(lt, log_m)
     elif name == "tvd":
         value = 0.5 * (pt - ps).abs().sum(-1)
+    elif name == "gkd_jsd":  # Agarwal et al. 2024, eq. 2, with P = teacher, Q = student; TRL's endpoints
+        if beta == 0:
+            value = ref_kl(lt, ls)
+        elif beta == 1:
+            value = ref_kl(ls, lt)
+        else:
+            log_m = torch.log(beta * pt + (1 - beta) * ps)
+            value = beta * ref_kl(lt, log_m) + (1 - beta) * ref_kl(ls, log_m)
     elif name == "skew_kl":
         value = ref_kl(lt, torch.log(alpha * pt + (1 - alpha) * ps))
     elif name == "skew_reverse_kl":
@@ -70,6 +78,8 @@ def make(name: str, chunked: bool = False, chunks: int = 4, **kw):
         kwargs["lambda_weight"] = kw["lam"]
     if name.startswith("skew") and "alpha" in kw:
         kwargs["alpha"] = kw["alpha"]
+    if name == "gkd_jsd" and "beta" in kw:
+        kwargs["beta"] = kw["beta"]
     return chunked_cls(num_output_chunks=chunks, **kwargs) if chunked else plain(**kwargs)
 
 
@@ -91,7 +101,7 @@ def inputs(shape=(37, 53), seed=0, scale=3.0, ignore_every=5):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("shape", [(37, 53), (3, 7, 53)])
-@pytest.mark.parametrize("kw", [{}, {"T": 2.0, "lam": 0.3, "alpha": 0.25}])
+@pytest.mark.parametrize("kw", [{}, {"T": 2.0, "lam": 0.3, "alpha": 0.25, "beta": 0.7}])
 def test_matches_reference_value_and_gradient(name, shape, kw):
     s, t, labels = inputs(shape)
     loss = make(name, temperature=kw.get("T", 1.0), **kw)
@@ -110,6 +120,8 @@ def _with_parameter(name: str, weight: float):
         return make(name, lam=weight)
     if name.startswith("skew"):
         return make(name, alpha=weight)
+    if name == "gkd_jsd":
+        return make(name, beta=weight)
     return make(name)
 
 
@@ -197,6 +209,25 @@ def test_jsd_bounded_by_binary_entropy(lam):
     per = kd_losses.JSDistanceLoss(lambda_weight=lam).per_token(torch.log_softmax(s, -1), torch.log_softmax(t, -1))
     entropy = -(lam * math.log(lam) + (1 - lam) * math.log(1 - lam))
     assert per.max().item() <= entropy + 1e-6 <= LN2 + 1e-6
+
+
+@pytest.mark.parametrize("beta", [0.0, 1e-3, 0.3, 0.999, 1.0])
+def test_generalized_jsd_between_forward_and_reverse_kl(beta):
+    """GKD's JSD(β): the endpoints are the KLs; near them it is the KL of that side scaled by β or 1 − β (the
+    paper's reading of β as an interpolation), from the float64 reference."""
+    s, t, labels = inputs((29, 41), seed=5, scale=0.5)  # moderate ratios p_t / p_s: the expansion holds at β = 1e-3
+    value = kd_losses.GeneralizedJSDLoss(beta=beta)(s, t, labels).item()
+    forward, reverse = ref_mean("forward_kl", s.double(), t.double(), labels), ref_mean("reverse_kl", s.double(), t.double(), labels)
+    if beta == 0.0:
+        assert value == pytest.approx(forward.item(), rel=1e-5)
+    elif beta == 1.0:
+        assert value == pytest.approx(reverse.item(), rel=1e-5)
+    elif beta < 0.01:
+        assert value / beta == pytest.approx(forward.item(), rel=1e-2)
+    elif beta > 0.99:
+        assert value / (1 - beta) == pytest.approx(reverse.item(), rel=1e-2)
+    if 0 < beta < 1:  # the same divergence as JSDistanceLoss with λ = 1 − β
+        assert value == pytest.approx(kd_losses.JSDistanceLoss(lambda_weight=1 - beta)(s, t, labels).item(), rel=1e-6)
 
 
 def test_tvd_bounded_by_one():
@@ -373,7 +404,7 @@ def test_bf16_gradient_has_no_systematic_bias(name):
 
 PINNED = {  # seeded inputs((37, 53), seed=123), computed once; any change to an objective shows here
     "forward_kl": 6.5593715, "reverse_kl": 6.4449544, "symmetric_kl": 6.5021629, "jsd": 0.5923921, "tvd": 0.9234175,
-    "skew_kl": 1.9760979, "skew_reverse_kl": 1.982897,
+    "skew_kl": 1.9760979, "skew_reverse_kl": 1.982897, "gkd_jsd": 0.5923921,
 }
 
 
@@ -393,6 +424,7 @@ def test_pinned_values(name):
     [
         (lambda: kd_losses.JSDistanceLoss(lambda_weight=1.5), r"lambda_weight=1\.5 must be in \[0, 1\]"),
         (lambda: kd_losses.SymmetricKLLoss(lambda_weight=-0.1), r"lambda_weight=-0\.1"),
+        (lambda: kd_losses.GeneralizedJSDLoss(beta=1.2), r"beta=1\.2 must be in \[0, 1\]"),
         (lambda: kd_losses.SkewForwardKLLoss(alpha=2), r"alpha=2\.0 must be in \[0, 1\]"),
         (lambda: kd_losses.ForwardKLLoss(temperature=0), r"temperature=0\.0 must be a finite number > 0"),
         (lambda: kd_losses.TVDistanceLoss(temperature=-1), r"temperature"),

@@ -53,6 +53,12 @@ def ref_divergence(name: str, pt: torch.Tensor, ps: torch.Tensor, lam: float, al
         return lam * ref_kl(ps, m) + (1 - lam) * ref_kl(pt, m)
     if name == "tvd":
         return 0.5 * (pt - ps).abs().sum(-1)
+    if name == "gkd_jsd":  # these tests pass β as ``lam``; GKD's definition with its endpoints
+        beta = lam
+        if beta in (0.0, 1.0):
+            return ref_kl(pt, ps) if beta == 0.0 else ref_kl(ps, pt)
+        m = beta * pt + (1 - beta) * ps
+        return beta * ref_kl(pt, m) + (1 - beta) * ref_kl(ps, m)
     if name == "skew_kl":
         return ref_kl(pt, alpha * pt + (1 - alpha) * ps)
     if name == "skew_reverse_kl":
@@ -119,6 +125,8 @@ def make(name: str, *, T: float = 1.0, chunked: bool = False, chunks: int = 4, l
     kwargs = {"temperature": T}
     if name in ("symmetric_kl", "jsd"):
         kwargs["lambda_weight"] = lam
+    if name == "gkd_jsd":
+        kwargs["beta"] = lam
     if name.startswith("skew"):
         kwargs["alpha"] = alpha
     return chunked_cls(num_output_chunks=chunks, **kwargs) if chunked else plain(**kwargs)
@@ -587,6 +595,7 @@ def test_shape_mismatches_are_refused():
 PINNED = {
     "forward_kl": 6.0856132949261, "reverse_kl": 2.4299427528091, "symmetric_kl": 4.2577780238676,
     "jsd": 0.48585372505353, "tvd": 0.85439685948232, "skew_kl": 1.6917700524579, "skew_reverse_kl": 1.5657649541725,
+    "gkd_jsd": 0.48585372505353,  # β = 0.5: the symmetric JSD
 }
 
 

@@ -136,6 +136,12 @@ CASES = {
     "bench_recipe --json": Case(
         "bench_recipe", "--json",
         lambda tmp, t, a: ["--vocab", "1280", "--workdir", str(tmp / "work"), "--json", str(t)], (BUILD,), kind="file"),
+    "bench_on_policy --workdir": Case(
+        "bench_on_policy", "--workdir", lambda tmp, t, a: ["--workdir", str(t)],
+        ("torchtune_kd.cli.bench_on_policy:bench_generation", BUILD), owner="scripts/bench_on_policy.py"),
+    "bench_on_policy --json": Case(
+        "bench_on_policy", "--json", lambda tmp, t, a: ["--workdir", str(tmp / "work"), "--json", str(t)],
+        ("torchtune_kd.cli.bench_on_policy:bench_generation", BUILD), kind="file"),
     "bench_losses --json": Case(
         "bench_losses", "--json", lambda tmp, t, a: ["--quick", "--json", str(t)], ("subprocess:run",), kind="file"),
     "profile_recipe --output-dir": Case(

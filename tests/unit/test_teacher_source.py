@@ -144,10 +144,9 @@ COEFFICIENTS = {"ce": torch.tensor(0.3 / 15), "kd": torch.tensor(0.7 / 15)}
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_every_source_and_pass_give_the_float64_reference_sums(source_kind, fused, temperature):
     student, source, step_pass, batch, labels, t_logits = setup(source_kind, fused, temperature, CHUNKS * (not fused))
-    sums, trained_on = output_pass.micro_batch_sums(
+    sums = output_pass.micro_batch_sums(
         student, source, step_pass, batch, IGNORE, COEFFICIENTS if fused else None
     )
-    assert trained_on is batch
     expected = reference(student_logits(student, batch), t_logits, labels, temperature, cached=source_kind == "cached")
     assert sums.keys() >= expected.keys() and ("objective" in sums) == fused
     for key, value in expected.items():
@@ -165,7 +164,7 @@ def test_fused_and_unfused_passes_give_the_same_sums_and_gradients(source_kind, 
     grads, all_sums = {}, {}
     for fused in (False, True):
         student, source, step_pass, batch, _, _ = setup(source_kind, fused, temperature, chunks=0)
-        sums, _ = output_pass.micro_batch_sums(student, source, step_pass, batch, IGNORE, COEFFICIENTS)
+        sums = output_pass.micro_batch_sums(student, source, step_pass, batch, IGNORE, COEFFICIENTS)
         weighted = COEFFICIENTS["ce"] * sums["ce"] + COEFFICIENTS["kd"] * sums["kd"]
         objective = sums.pop("objective") if fused else weighted
         objective.backward()
@@ -274,7 +273,7 @@ def test_a_step_makes_no_host_sync(source_kind, fused):
     )
 
     def step(batch, coefficients=None):
-        return output_pass.micro_batch_sums(student, source, step_pass, batch, IGNORE, coefficients)[0]
+        return output_pass.micro_batch_sums(student, source, step_pass, batch, IGNORE, coefficients)
 
     with host_reads() as reads:
         totals, _ = loss_step.accumulate_gradients(
@@ -303,7 +302,7 @@ def test_a_kd_loss_that_is_not_a_divergence_gets_the_same_diagnostics():
     kd = HellingerLoss()
     losses = loss_step.StepLosses(lambda lg, lb: loss_step.ce_token_sum(lg, lb, IGNORE), kd.token_sum, kd, IGNORE, 0)
     assert not kd_losses.is_divergence(kd) and not kd_losses.is_divergence(HellingerLoss)
-    sums, _ = output_pass.micro_batch_sums(student, source, output_pass.UnfusedPass(losses), batch, IGNORE)
+    sums = output_pass.micro_batch_sums(student, source, output_pass.UnfusedPass(losses), batch, IGNORE)
     expected = reference(student_logits(student, batch), t_logits, labels, 1.0, cached=False)
     assert float(sums["agree"]) == expected["agree"]
     assert float(sums["teacher_entropy"]) == pytest.approx(expected["teacher_entropy"], rel=1e-5)
@@ -326,9 +325,10 @@ def test_a_source_that_replaces_the_batch_is_what_the_student_and_teacher_see():
     student, live, step_pass, batch, _, _ = setup("live", False, 1.0)
     other = make_batch(7)
     source = ReplacingSource(live.model, live._output_weight, other)
-    sums, trained_on = output_pass.micro_batch_sums(student, source, step_pass, batch, IGNORE)
-    assert trained_on is other
-    direct, _ = output_pass.micro_batch_sums(student, live, step_pass, other, IGNORE)
+    kind, prepared = teacher_source.prepare_step(source, 1, [batch, batch])
+    assert kind == teacher_source.DATA and all(p is other for p in prepared)
+    sums = output_pass.micro_batch_sums(student, source, step_pass, prepared[0], IGNORE)
+    direct = output_pass.micro_batch_sums(student, live, step_pass, other, IGNORE)
     for key in ("ce", "kd", "agree", "teacher_entropy"):
         assert torch.equal(sums[key], direct[key]), key
 

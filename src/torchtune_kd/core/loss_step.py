@@ -285,12 +285,13 @@ def log_dict(values: Mapping[str, float], *, lr: float, elapsed: float) -> dict[
     """The metrics of one optimiser step under the names the project logs (stdout, disk, W&B)."""
     logged = {
         "loss": values["loss"],
-        "ce_loss": values["ce"],
         "kd_loss": values["kd"],
         "grad_norm": values["grad_norm"],
         "lr": lr,
         "tokens_per_second": values["label_tokens"] / max(elapsed, 1e-9),
     }
+    if "ce" in values:  # not on a step that trains on the student's own samples (core.on_policy)
+        logged["ce_loss"] = values["ce"]
     if "agree" in values:  # the steps the diagnostics were computed on (diagnostics_every_n_steps)
         # Already means over the step's counted tokens.
         logged["kd/top1_agreement"] = values["agree"]
@@ -300,7 +301,7 @@ def log_dict(values: Mapping[str, float], *, lr: float, elapsed: float) -> dict[
     for key, value in values.items():
         if key.startswith("ir/"):
             logged[f"ir_loss/{key[3:]}"] = value
-        elif key.startswith("weight/"):
+        elif key.startswith(("weight/", "on_policy/")):
             logged[key] = value
     return logged
 

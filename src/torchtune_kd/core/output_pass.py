@@ -184,17 +184,17 @@ def micro_batch_sums(
     *,
     activations: Optional[ContextManager] = None,
     diagnostics: bool = True,
-) -> tuple[Sums, Batch]:
+) -> Sums:
     """The loss step of one micro-batch, whatever the teacher source and the pass: the recipe's one path.
 
-    The source prepares the batch, the student runs on it (in the pass's output mode, inside ``activations``), the
+    The student runs on the (prepared: ``teacher_source.prepare_step``) batch (in the pass's output mode, inside ``activations``), the
     source gives its signal in the form the pass takes, and the pass returns the token sums.
 
     Args:
         student (nn.Module): the student, a torchtune decoder.
         teacher (TeacherSource): where the teacher's signal comes from.
         output_pass (OutputPass): :class:`UnfusedPass` or :class:`FusedPass`.
-        batch (Batch): the collated micro-batch (``tokens``, ``labels``, ``real_tokens``, ...).
+        batch (Batch): the micro-batch as the source prepared it (``tokens``, ``labels``, ``real_tokens``, ...).
         ignore_index (int): label value that does not count.
         coefficients (Optional[Dict[str, torch.Tensor]]): the fused pass's ``ce`` and ``kd`` coefficients.
         activations (Optional[ContextManager]): the context of the student's forward (activation offloading).
@@ -202,12 +202,10 @@ def micro_batch_sums(
             them: two argmax passes and an entropy pass over ``(tokens, vocab)`` saved on the others).
 
     Returns:
-        tuple[Sums, Batch]: the pass's token sums and the batch the student trained on (the source's ``prepare``),
-        whose ``real_tokens`` the IR loss reads.
+        Sums: the pass's token sums.
     """
-    batch = teacher.prepare(batch)
     labels = loss_step.shift_labels(batch["labels"], ignore_index)
     with output_pass.student_output(student), (activations or contextlib.nullcontext()):
         output = student(batch["tokens"], mask=batch.get("mask", None), input_pos=batch.get("input_pos", None))
     signal = teacher.signal(batch, labels, form=output_pass.teacher_form)
-    return output_pass.token_sums(output, signal, labels, coefficients, diagnostics=diagnostics), batch
+    return output_pass.token_sums(output, signal, labels, coefficients, diagnostics=diagnostics)

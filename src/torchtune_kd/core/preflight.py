@@ -27,6 +27,7 @@ from torchtune_kd.core.config_checks import checkpoints, execution, output, top_
 from torchtune_kd.core.config_checks import data as data_checks
 from torchtune_kd.core.config_checks import losses as loss_checks
 from torchtune_kd.core.config_checks import models as model_checks
+from torchtune_kd.core.config_checks import on_policy as on_policy_checks
 from torchtune_kd.core.config_checks import optimizer as optimizer_checks
 from torchtune_kd.core.config_checks.common import Findings
 from torchtune_kd.errors import ConfigError
@@ -96,6 +97,7 @@ def validate_config(
         output_path.notices.clear()
     report.add(output_path)
     report.add(top_level.check_training(cfg, check_device=check_device))
+    report.add(on_policy_checks.check_section(cfg))
     weighting = report.add(loss_checks.check_weighting(cfg)).weighting
     report.add(losses)
     report.add(optimizer_checks.check_optimizer(cfg))
@@ -140,6 +142,7 @@ def validate_config(
         built = report.add(data_checks.build(cfg))
         if built.dataset is not None:
             report.add(data_checks.check_sample_count(cfg, built.dataset, world_size or 1))
+            report.add(on_policy_checks.check_prompts(cfg, built.dataset, losses.ignore_index))
             if facts is not None:
                 facts.tokenizer, facts.dataset, facts.num_samples = built.tokenizer, built.dataset, len(built.dataset)
                 if cache_ok and not writing_cache:

@@ -22,14 +22,17 @@ Sources:
 - :class:`CachedTeacher`: a teacher cache (``core.teacher_cache``, built by ``recipes/cache_teacher.py``), looked up
   by the batch's sample ids; the teacher is never built.
 
-A source has two steps, :meth:`TeacherSource.prepare` and :meth:`TeacherSource.signal`, so that sources to come fit
-without a new path in the recipe:
+A source has three steps, :meth:`TeacherSource.begin_step`, :meth:`TeacherSource.prepare` and
+:meth:`TeacherSource.signal`, so that sources beyond these fit without a new path in the recipe. Before an optimiser
+step the recipe calls ``begin_step`` (which says what the step trains on: :data:`DATA`, :data:`STUDENT` or
+:data:`TEACHER` sequences) and ``prepare`` on each of its micro-batches (:func:`prepare_step`), so that the step's
+token counts, which weight every micro-batch, are those of the sequences actually trained on; then each micro-batch's
+loss step asks ``signal``:
 
-- *sequences the student generated* (on-policy distillation): ``prepare`` samples continuations of the batch's
-  prompts from the student and returns a batch whose ``tokens``, ``labels`` (the generated positions counted, the
-  prompt ignored) and ``real_tokens`` are those sequences; ``signal`` then scores them with a live teacher exactly as
-  :class:`LiveTeacher` does (any of the three forms). The recipe computes CE, KD and IR on whatever batch
-  ``prepare`` returns; CE on generated tokens is the recipe's weighting to decide (weight 0 disables it).
+- *sequences a model generated* (on-policy distillation, ``core.on_policy.GeneratingTeacher``): ``prepare`` samples
+  continuations of the batch's prompts from the student (or the teacher) and returns a batch whose ``tokens``,
+  ``labels`` (the generated positions counted, the prompt ignored) and ``real_tokens`` are those sequences;
+  ``signal`` scores them with a live teacher exactly as :class:`LiveTeacher` does (any of the three forms).
 - *a teacher with another tokenizer*: ``prepare`` leaves the batch alone; ``signal`` detokenises the student's
   sequence, tokenises it for the teacher, runs the teacher and maps its distribution onto the student's positions
   and vocabulary (e.g. the teacher's top-k projected to student ids with the unmatched mass in the tail): an
@@ -52,6 +55,10 @@ from torch import nn
 
 import kd_losses
 from torchtune_kd.core import data, fused_output, loss_step
+
+#: What an optimiser step trains on (:meth:`TeacherSource.begin_step`): the data's own sequences, or continuations
+#: of its prompts that the student (on-policy) or the teacher (sequence-level KD) sampled.
+DATA, STUDENT, TEACHER = "data", "student", "teacher"
 
 #: The dense forms an output pass asks a source for.
 LOGITS = "logits"
@@ -108,6 +115,14 @@ class TeacherSource:
         """
         return batch
 
+    def begin_step(self, step: int) -> str:
+        """Called before optimiser step ``step`` (from 1) prepares its micro-batches.
+
+        Returns:
+            str: what the step trains on: :data:`DATA` (default), :data:`STUDENT` or :data:`TEACHER` sequences.
+        """
+        return DATA
+
     def prepare(self, batch: Batch) -> Batch:
         """The micro-batch the student trains on.
 
@@ -136,6 +151,16 @@ class TeacherSource:
             ``entropy``).
         """
         raise NotImplementedError
+
+
+def prepare_step(source: TeacherSource, step: int, batches: Sequence[Batch]) -> tuple[str, list[Batch]]:
+    """Begin optimiser step ``step`` and prepare its micro-batches (before any of them is trained on).
+
+    Returns:
+        tuple[str, list[Batch]]: what the step trains on (:meth:`TeacherSource.begin_step`) and the prepared batches.
+    """
+    kind = source.begin_step(step)
+    return kind, [source.prepare(batch) for batch in batches]
 
 
 def _forward(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -30,7 +30,9 @@ from torchtune_kd.errors import CheckpointError, ConfigError
 STATE_FORMAT = 2
 FORMAT_KEY = "format"
 # Settings recorded in a training state and compared on resume.
-RESUME_SETTINGS = ("optimizer", "batch_size", "gradient_accumulation_steps", "kd_loss", "loss_scaling", "teacher_cache")
+RESUME_SETTINGS = (
+    "optimizer", "batch_size", "gradient_accumulation_steps", "kd_loss", "loss_scaling", "teacher_cache", "on_policy",
+)
 # The dataloader position :func:`resume_position` gives when the world size or batch size changed: samples this rank's
 # sampler has already yielded in the epoch (the recipe loads it into the sampler).
 SAMPLER_POSITION = "sampler_yielded"

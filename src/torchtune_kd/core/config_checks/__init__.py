@@ -17,4 +17,5 @@ whether a section is well formed), so no check reads another's messages.
 - :mod:`.execution`: ``fused_output`` and the FSDP keys.
 - :mod:`.output`: ``output_dir`` and ``resume_from_checkpoint``.
 - :mod:`.cache`: ``teacher_cache`` (its section and, for a training run, its contents).
+- :mod:`.on_policy`: ``on_policy`` (its settings; no cache, no packing, room for the samples, a prompt to continue).
 """

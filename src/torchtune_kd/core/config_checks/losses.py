@@ -40,6 +40,11 @@ class LossFindings(Findings):
     kd_loss: Any = None
     ce_loss: Any = None
 
+    @property
+    def ignore_index(self) -> int:
+        """The CE loss's ``ignore_index`` (torchtune's default -100 when it was not built)."""
+        return int(getattr(self.ce_loss, "ignore_index", -100))
+
     def cache_settings(self) -> Optional[tuple[float, int]]:
         """``(kd_loss temperature, ignore_index)`` a teacher cache must have been made with, or ``None`` when the
         losses were not built (their problems are reported)."""
