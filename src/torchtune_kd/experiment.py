@@ -36,6 +36,7 @@ DIVERGENCES = {
     "tvd": "TVDistance",
     "skew_kl": "SkewForwardKL",
     "skew_reverse_kl": "SkewReverseKL",
+    "gkd_jsd": "GeneralizedJSD",
 }
 BASELINE = "ce_only"
 
@@ -47,26 +48,49 @@ class Cell:
     divergence: str  # a DIVERGENCES key, or BASELINE
     ir: str  # "off" or "cosine"
     seed: int
+    on_policy: float = 0.0  # the share of steps on the student's own samples (on_policy.fraction)
+
+    @property
+    def _kind(self) -> str:
+        return f"{self.divergence}-op{self.on_policy:g}" if self.on_policy else self.divergence
 
     @property
     def name(self) -> str:
-        return f"{self.divergence}-ir_{self.ir}-seed{self.seed}"
+        return f"{self._kind}-ir_{self.ir}-seed{self.seed}"
 
     @property
     def setting(self) -> str:
-        return BASELINE if self.divergence == BASELINE else f"{self.divergence}+ir_{self.ir}"
+        if self.divergence == BASELINE:
+            return BASELINE
+        return f"{self.divergence}@{self.on_policy:g}+ir_{self.ir}" if self.on_policy else f"{self.divergence}+ir_{self.ir}"
+
+
+def _parse_divergence(entry: str) -> tuple[str, float]:
+    """``name`` (off-policy) or ``name@fraction`` (on-policy distillation on that share of the steps)."""
+    name, _, fraction = entry.partition("@")
+    if not fraction:
+        return name, 0.0
+    try:
+        value = float(fraction)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{entry!r}: the on-policy fraction after '@' must be a number in [0, 1], e.g. reverse_kl@0.5")
+    return name, value
 
 
 def grid(divergences: Sequence[str], irs: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
-    """Every (divergence, IR, seed) cell plus one CE-only baseline per seed; validates the names."""
-    unknown = [d for d in divergences if d not in DIVERGENCES]
+    """Every (divergence, IR, seed) cell plus one CE-only baseline per seed; validates the names. A divergence written
+    ``name@fraction`` runs on-policy on that share of the steps."""
+    parsed = [_parse_divergence(d) for d in divergences]
+    unknown = [d for d, _ in parsed if d not in DIVERGENCES]
     if unknown:
         raise ValueError(f"unknown divergence(s) {unknown}: choose from {sorted(DIVERGENCES)}")
     bad_ir = [i for i in irs if i not in ("off", "cosine")]
     if bad_ir:
         raise ValueError(f"unknown IR setting(s) {bad_ir}: use 'off' or 'cosine'")
     cells = [Cell(BASELINE, "off", s) for s in seeds]
-    cells += [Cell(d, i, s) for d in divergences for i in irs for s in seeds]
+    cells += [Cell(d, i, s, fraction) for d, fraction in parsed for i in irs for s in seeds]
     return cells
 
 
@@ -108,7 +132,10 @@ def cell_overrides(
     component = f"kd_losses.{stem}{'WithChunkedOutputLoss' if chunked else 'Loss'}"
     takes = {"lambda_weight"} if stem in ("SymmetricKL", "JSDistance") else set()
     takes |= {"alpha"} if stem.startswith("Skew") else set()
-    out += [f"~kd_loss.{key}" for key in sorted(set(base_kd_keys) & {"lambda_weight", "alpha"} - takes)]
+    takes |= {"beta"} if stem == "GeneralizedJSD" else set()
+    out += [f"~kd_loss.{key}" for key in sorted(set(base_kd_keys) & {"lambda_weight", "alpha", "beta"} - takes)]
+    if cell.on_policy:
+        out.append(f"on_policy.fraction={cell.on_policy:g}")
     out += [
         f"kd_loss._component_={component}",
         "loss_scaling.enabled=true",
@@ -196,6 +223,7 @@ def run_grid(
     env: Optional[Mapping[str, str]] = None,
     teacher_cache: Optional[Path] = None,
     cache_top_k: int = 64,
+    onpolicy_eval: Optional[Mapping[str, object]] = None,
 ) -> list[dict[str, object]]:
     """Run every cell not finished before (each one ``tune run``, then evaluated on held-out text).
 
@@ -221,6 +249,9 @@ def run_grid(
         teacher_cache (Optional[Path]): run the teacher once into this cache and distil every cell without IR from
             it; cells with IR run the teacher live.
         cache_top_k (int): k of the teacher cache.
+        onpolicy_eval (Optional[Mapping[str, object]]): also the on-policy held-out metrics
+            (``heldout_metrics.evaluate_on_policy``): ``data`` (a data file of held-out prompts in the dataset's
+            format), ``prompts`` (how many), ``max_new_tokens`` and ``seed``.
 
     Returns:
         list[dict]: one result row per cell, in grid order.
@@ -255,6 +286,9 @@ def run_grid(
             raise SystemExit(f"the teacher-cache pre-pass failed (exit {result.returncode}); see "
                              f"{out.path / 'teacher_cache.log'}")
         print(f"[experiment]   cache ready ({time.time() - started:.0f} s)")
+    prompts = None
+    if onpolicy_eval is not None:
+        prompts = heldout_metrics.dataset_prompts(base, Path(str(onpolicy_eval["data"])), int(onpolicy_eval["prompts"]))
     rows = []
     for index, cell in enumerate(cells, 1):
         cell_dir = out.path / "cells" / cell.name
@@ -283,11 +317,20 @@ def run_grid(
                   "seed": cell.seed, "heldout_ppl": metrics["perplexity"], "heldout_nll": metrics["nll"],
                   "heldout_kl": metrics["kl_to_teacher"], "top1_agreement": metrics["top1_agreement"],
                   "seconds": round(time.time() - started, 1),
-                  "teacher": "cache" if cache is not None and uses_cache(cell) else "live"}
+                  "teacher": "cache" if cache is not None and uses_cache(cell) else "live",
+                  "on_policy": cell.on_policy}
+        if prompts is not None:
+            result.update(heldout_metrics.evaluate_on_policy(
+                export, teacher_dir, prompts, max_new_tokens=int(onpolicy_eval["max_new_tokens"]),
+                seed=int(onpolicy_eval["seed"]),
+            ))
+            result["seconds"] = round(time.time() - started, 1)
         (cell_dir / "result.json").write_text(json.dumps(result, indent=2))
         rows.append(result)
+        on_policy_note = (f"  on-policy KL {result['onpolicy_kl']:.4f}  teacher NLL {result['onpolicy_teacher_nll']:.4f}"
+                          if prompts is not None else "")
         print(f"[experiment]   ppl {result['heldout_ppl']:.3f}  KL to teacher {result['heldout_kl']:.4f}  agreement "
-              f"{result['top1_agreement']:.4f}  ({result['seconds']} s)")
+              f"{result['top1_agreement']:.4f}{on_policy_note}  ({result['seconds']} s)")
         # The run's training state (optimiser, weights) is not needed once evaluated. The run is this grid's own: it
         # lies inside the cells/ entry the grid's folder lists.
         state = cell_dir / "run" / "training_state"
@@ -308,6 +351,8 @@ def write_summary(out_dir: Path, rows: Sequence[Mapping[str, object]]) -> str:
     # Results written before the KL metric existed lack heldout_kl: it is summarised only when every cell has it.
     metrics = (["heldout_ppl", "heldout_kl", "top1_agreement"] if all("heldout_kl" in r for r in rows)
                else ["heldout_ppl", "top1_agreement"])
+    # The on-policy held-out metrics (scripts/experiment.py --onpolicy-eval-data), when every cell has them.
+    metrics += [m for m in ON_POLICY_METRICS if rows and all(m in r for r in rows)]
     summary = summarise(rows, metrics)
     table = summary_table(summary, metrics)
     write_rows(out_dir / "summary.csv", summary)
@@ -323,8 +368,39 @@ def write_summary(out_dir: Path, rows: Sequence[Mapping[str, object]]) -> str:
                         "so this mixes IR with the cache's top-k coarsening (run without --teacher-cache to separate them).")
         print("\n" + ir_table + ir_note)
         text += "\n" + ir_table + "\n" + ir_note + "\n"
+    versus = on_policy_effect(rows, metrics)
+    if versus:
+        op_table = difference_table(versus, metrics, "setting", f"− {OFF_POLICY_REFERENCE}")
+        op_note = (f"Each on-policy setting against off-policy {OFF_POLICY_REFERENCE.split('+')[0]} (the recipe's default "
+                   "objective), paired by seed: negative Δ is better for every metric but top1_agreement.")
+        print("\n" + op_table + op_note)
+        text += "\n" + op_table + "\n" + op_note + "\n"
     (out_dir / "summary.md").write_text(text)
     return text
+
+
+# The held-out on-policy metrics: on continuations the student samples from held-out prompts, the mean per-token
+# KL(student ‖ teacher) and the teacher's mean per-token NLL of them (heldout_metrics.evaluate_on_policy).
+ON_POLICY_METRICS = ("onpolicy_kl", "onpolicy_teacher_nll")
+OFF_POLICY_REFERENCE = "forward_kl+ir_off"
+
+
+def on_policy_effect(rows: Iterable[Mapping[str, object]], metrics: Sequence[str]) -> list[dict[str, object]]:
+    """Every on-policy setting (``<d>@<fraction>+ir_<ir>``) minus off-policy forward KL, paired by seed (empty when
+    the grid has no on-policy cell or no off-policy forward KL)."""
+    rows = list(rows)
+    reference = _by_seed(rows, OFF_POLICY_REFERENCE)
+    settings = sorted({str(r["setting"]) for r in rows if "@" in str(r["setting"])})
+    if not reference or not settings:
+        return []
+    effects = []
+    for setting in settings:
+        seeds = _by_seed(rows, setting)
+        entry: dict[str, object] = {"setting": setting, "n": len(set(seeds) & set(reference))}
+        for metric in metrics:
+            entry.update(paired_difference(reference, seeds, metric))
+        effects.append(entry)
+    return effects
 
 
 def t_critical(df: int, confidence: float = 0.95) -> float:

@@ -188,3 +188,32 @@ def test_a_finished_grid_is_read_back_without_a_run_and_summarised(tmp_path, mon
     assert "IR on − off" not in text  # one IR setting only: no IR effect table
     assert (out.path / "results.csv").read_text().splitlines()[0].startswith("setting,divergence,ir,seed")
     assert (out.path / "summary.csv").is_file()
+
+
+def test_on_policy_cells_are_written_name_at_fraction():
+    cells = experiment.grid(["forward_kl", "reverse_kl@0.5", "gkd_jsd@1"], ["off"], [0, 1])
+    assert [c.setting for c in cells if c.seed == 0] == [
+        "ce_only", "forward_kl+ir_off", "reverse_kl@0.5+ir_off", "gkd_jsd@1+ir_off"]
+    assert len({c.name for c in cells}) == len(cells)
+    assert experiment.Cell("forward_kl", "off", 0).name == "forward_kl-ir_off-seed0"  # recorded grids keep their names
+    out = experiment.cell_overrides(cells[-1], chunked=True, mapping="auto", scales={"ce": 0, "kd": 1, "ir": 0},
+                                    base_kd_keys=["lambda_weight", "num_output_chunks"])
+    assert "on_policy.fraction=1" in out and "kd_loss._component_=kd_losses.GeneralizedJSDWithChunkedOutputLoss" in out
+    assert "~kd_loss.lambda_weight" in out
+    assert not any(o.startswith("on_policy") for o in experiment.cell_overrides(
+        cells[1], chunked=True, mapping="auto", scales={"ce": 0, "kd": 1, "ir": 0}))
+    for bad in ("reverse_kl@2", "reverse_kl@half"):
+        with pytest.raises(ValueError, match="on-policy fraction after '@' must be a number in \\[0, 1\\]"):
+            experiment.grid([bad], ["off"], [0])
+
+
+def test_on_policy_settings_are_compared_with_off_policy_forward_kl_by_seed():
+    rows = []
+    for seed in range(3):
+        rows.append({"setting": "forward_kl+ir_off", "seed": seed, "onpolicy_kl": 1.0 + seed})
+        rows.append({"setting": "reverse_kl@1+ir_off", "seed": seed, "onpolicy_kl": 0.5 + seed + 0.01 * seed})
+    effects = experiment.on_policy_effect(rows, ["onpolicy_kl"])
+    assert [e["setting"] for e in effects] == ["reverse_kl@1+ir_off"] and effects[0]["n"] == 3
+    assert effects[0]["onpolicy_kl_diff"] == pytest.approx(-0.5 + 0.01)
+    assert effects[0]["onpolicy_kl_significant"]
+    assert experiment.on_policy_effect([r for r in rows if "@" not in r["setting"]], ["onpolicy_kl"]) == []

@@ -84,3 +84,20 @@ def test_kept_teacher_logits_give_the_same_results_with_one_teacher_pass(tiny_as
     assert kept == recomputed
     batches = 2  # 3 windows in batches of 2: the last one smaller
     assert kept_calls == batches and len(calls) == batches * 3
+
+
+def test_on_policy_metrics_are_zero_kl_against_itself_and_reproducible(tiny_assets, assets_root, tmp_path):
+    from torchtune_kd.testing.recipes import tiny_config
+
+    cfg = tiny_config(assets_root, tmp_path / "out", [])
+    prompts = heldout_metrics.dataset_prompts(cfg, tiny_assets["data"]["train"], 3)
+    assert len(prompts) == 3 and all(len(p) > 1 for p in prompts)  # the alpaca instruction, not just the BOS
+    teacher, student = tiny_assets["teacher_dir"], tiny_assets["student_dir"]
+    itself = heldout_metrics.evaluate_on_policy(teacher, teacher, prompts, max_new_tokens=5, batch_size=2)
+    assert itself["onpolicy_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < itself["onpolicy_tokens"] <= 15 and itself["onpolicy_teacher_nll"] > 0
+    first = heldout_metrics.evaluate_on_policy(student, teacher, prompts, max_new_tokens=5, batch_size=2)
+    again = heldout_metrics.evaluate_on_policy(student, teacher, prompts, max_new_tokens=5, batch_size=2)
+    assert first == again and first["onpolicy_kl"] > 0.01
+    other_seed = heldout_metrics.evaluate_on_policy(student, teacher, prompts, max_new_tokens=5, batch_size=2, seed=1)
+    assert other_seed != first

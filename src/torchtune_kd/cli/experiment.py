@@ -1,5 +1,10 @@
 """Divergence x IR x seed grid through the real recipe; mean ± standard error and paired Δ vs a CE-only baseline.
 
+A divergence written ``name@fraction`` (e.g. ``reverse_kl@0.5``) runs on-policy on that share of the steps
+(``on_policy.fraction``); the grid then also compares each on-policy setting with off-policy forward KL, paired by
+seed, and ``--onpolicy-eval-data`` adds the on-policy held-out metrics (the student's own samples from held-out
+prompts, scored by the teacher).
+
 Examples:
     # the README's CPU grid on the tiny stand-ins (a pre-trained tiny teacher), ~20 min on 2 cores
     python scripts/experiment.py --tiny --divergences forward_kl,reverse_kl,jsd,tvd --ir off --seeds 0,1,2 \
@@ -59,6 +64,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, repo: Path) -> argparse.
                         help="run the teacher once into this cache (recipes/cache_teacher.py) and distil every cell "
                              "without IR from it (cells with IR run the teacher live)")
     parser.add_argument("--cache-top-k", type=int, default=64, help="k of the teacher cache (--teacher-cache)")
+    parser.add_argument("--onpolicy-eval-data", type=Path, default=None,
+                        help="also report the on-policy held-out metrics on the prompts of this data file (the "
+                             "dataset's format, e.g. the demo's text/validation.json)")
+    parser.add_argument("--onpolicy-eval-prompts", type=int, default=16, help="held-out prompts (default %(default)s)")
+    parser.add_argument("--onpolicy-eval-new-tokens", type=int, default=48,
+                        help="tokens the student samples per prompt (default %(default)s)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     return parser.parse_args(argv)
 
@@ -110,5 +121,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         command=" ".join(shown), steps=args.steps, mapping=args.mapping, scales={"ce": ce, "kd": kd, "ir": ir},
         heldout=heldout, eval_seq_len=args.eval_seq_len, eval_windows=args.eval_windows, env=env,
         teacher_cache=args.teacher_cache, cache_top_k=args.cache_top_k,
+        onpolicy_eval=None if args.onpolicy_eval_data is None else {
+            "data": args.onpolicy_eval_data, "prompts": args.onpolicy_eval_prompts,
+            "max_new_tokens": args.onpolicy_eval_new_tokens, "seed": 0,
+        },
     )
     experiment.write_summary(args.out, rows)

@@ -1,5 +1,6 @@
 """Held-out language-model metrics for Hugging Face model folders: perplexity, and top-1 agreement and forward KL
-against a teacher.
+against a teacher; and on the student's own samples from held-out prompts, its per-token KL to the teacher and the
+teacher's NLL of them (:func:`evaluate_on_policy`).
 
 Used by the demo and the experiment to compare teacher, undistilled student, CE-only student and distilled
 students on text none of them trained on. Every model is loaded the same way (transformers, fp32), from the folder
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -128,3 +129,101 @@ def evaluate_heldout(
         if model is not teacher_model:
             del model
     return results
+
+
+def dataset_prompts(cfg: Any, data_file: PathLike, count: int, ignore_index: int = -100) -> list[list[int]]:
+    """The prompt parts (tokens before the first counted label) of the first ``count`` samples of ``data_file``,
+    built with the config's own tokenizer and dataset builder (``train_on_input`` off), as the recipe's on-policy
+    steps take them.
+
+    Args:
+        cfg (Any): a recipe config (its ``tokenizer`` and a single ``dataset`` section).
+        data_file (PathLike): a data file of the dataset's format (e.g. the demo's ``text/validation.json``).
+        count (int): how many prompts.
+        ignore_index (int): label value of the prompt tokens.
+    """
+    from omegaconf import OmegaConf
+
+    from torchtune_kd.core import data
+
+    section = OmegaConf.merge(cfg.dataset, {"data_files": str(data_file), "split": "train", "train_on_input": False})
+    section.pop("packed", None)
+    tokenizer = data.build_tokenizer(cfg.tokenizer)
+    dataset = data.build_dataset(section, tokenizer)
+    prompts = []
+    for index in range(min(count, len(dataset))):
+        sample = dataset[index]
+        labels = [int(x) for x in sample["labels"]]
+        end = next((i for i, label in enumerate(labels) if label != ignore_index), len(labels))
+        prompts.append([int(x) for x in sample["tokens"][: max(end, 1)]])
+    if not prompts:
+        raise ValueError(f"{data_file} has no sample to take a prompt from")
+    return prompts
+
+
+@torch.no_grad()
+def evaluate_on_policy(
+    student_dir: PathLike,
+    teacher_dir: PathLike,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """The on-policy held-out metrics: the student samples a continuation of each prompt (temperature 1, no top-k or
+    top-p, a fixed seed per batch), and on its sampled tokens (up to and including the first end-of-sequence token)
+    the mean per-token KL(p_student ‖ p_teacher) and the teacher's mean per-token NLL are reported.
+
+    Args:
+        student_dir (PathLike): the student's Hugging Face folder.
+        teacher_dir (PathLike): the teacher's (same tokenizer).
+        prompts (Sequence[Sequence[int]]): prompt token ids (:func:`dataset_prompts`).
+        max_new_tokens (int): the longest continuation.
+        seed (int): the sampling seed (the same samples for the same student).
+        batch_size (int): prompts per batch.
+
+    Returns:
+        dict[str, float]: ``onpolicy_kl``, ``onpolicy_teacher_nll``, ``onpolicy_tokens`` (sampled tokens scored),
+        ``onpolicy_mean_length`` and ``onpolicy_eos_fraction``.
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(student_dir))
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    student, teacher = _load(student_dir), _load(teacher_dir)
+    # Explicit settings: the folder's generation_config.json (SmolLM2's has temperature 0.2, top_p 0.9) is not used.
+    sampling = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                eos_token_id=eos, pad_token_id=pad)
+    kl = nll = 0.0
+    tokens = stopped = sequences = 0
+    for start in range(0, len(prompts), batch_size):
+        rows = prompts[start: start + batch_size]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left-padded
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+        torch.manual_seed(seed * 1_000_003 + start)
+        out = student.generate(input_ids=ids, attention_mask=mask, generation_config=sampling)
+        generated = out[:, width:]
+        counted = torch.ones_like(generated, dtype=torch.bool)
+        for i in range(len(rows)):
+            ends = (generated[i] == eos).nonzero()
+            if len(ends):
+                counted[i, int(ends[0]) + 1:] = False
+                stopped += 1
+        full_mask = torch.cat((mask, counted.long()), dim=1)
+        s_logp = torch.log_softmax(student(out, attention_mask=full_mask).logits.float(), -1)[:, width - 1: -1]
+        t_logp = torch.log_softmax(teacher(out, attention_mask=full_mask).logits.float(), -1)[:, width - 1: -1]
+        per_token_kl = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
+        teacher_nll = -t_logp.gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        kl += float(per_token_kl[counted].double().sum())
+        nll += float(teacher_nll[counted].double().sum())
+        tokens += int(counted.sum())
+        sequences += len(rows)
+    return {"onpolicy_kl": kl / max(tokens, 1), "onpolicy_teacher_nll": nll / max(tokens, 1),
+            "onpolicy_tokens": float(tokens), "onpolicy_mean_length": tokens / max(sequences, 1),
+            "onpolicy_eos_fraction": stopped / max(sequences, 1)}
