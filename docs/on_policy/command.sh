@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The on-policy grid of the README's "On-policy distillation" section, and the files in this folder.
 #   bash docs/on_policy/command.sh       # 18 cells (CE-only, off-policy forward KL, on-policy reverse KL and
-#                                        # generalized JSD at lambda 0.5 and 1; 3 seeds each), about 80 min on 2 cores
+#                                        # generalized JSD at lambda 0.5 and 1; 3 seeds each), about 70-80 min on 2 cores
 # Resumable: finished cells (<out>/cells/*/result.json) are skipped, so rerunning finishes an interrupted grid.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -14,7 +14,7 @@ Two measurements, each against its baseline in the same process, interleaved ove
    step), the counted tokens, and the on-policy step's time as a ratio to the off-policy step's, per step and per
    counted token.
 
-    python scripts/bench_on_policy.py                     # both, defaults (about 5 minutes on 2 CPU cores)
+    python scripts/bench_on_policy.py                     # both, defaults (about 6 minutes on 2 CPU cores)
     python scripts/bench_on_policy.py --only generation --new-tokens 128 --batch-size 4
 
 Every file goes under ``--workdir`` (default ``cache/bench_on_policy``), which must be new, empty, or a folder this
