@@ -149,3 +149,15 @@ def test_two_processes_equal_one_on_the_same_global_batch(assets_root, tmp_path,
     single, dist = logged(tmp_path / "single"), logged(tmp_path / "dist")
     assert set(single["on_policy/student_generated"].values()) == {1.0}
     assert_same_logs(single, dist, rel=1e-4)
+
+
+def test_compiled_on_policy_steps_match_eager(assets_root, tmp_path, monkeypatch):
+    """compile=True (the layers and the losses; aot_eager, as the other compile-wiring tests): sampling runs through
+    the compiled layers with their KV caches, and the greedy samples and the steps are the eager ones."""
+    monkeypatch.setenv("TORCH_COMPILE_BACKEND", "aot_eager")
+    base = [*COMMON, *GREEDY, "max_steps_per_epoch=2", "on_policy.max_new_tokens=6"]
+    eager = run_recipe(tiny_config(assets_root, tmp_path / "eager", base), RECIPE)
+    compiled = run_recipe(tiny_config(assets_root, tmp_path / "compiled", [*base, "compile=True"]), RECIPE)
+    assert compiled._compile and not eager._compile
+    assert_same_logs(logged(tmp_path / "eager"), logged(tmp_path / "compiled"), rel=1e-4)
+    assert_same_weights(eager._model, compiled._model, atol=1e-5)
