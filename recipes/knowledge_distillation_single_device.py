@@ -630,9 +630,10 @@ class KDRecipeSingleDevice(FTRecipeInterface):
 
             pbar.update(1)
             pbar.set_description(f"{curr_epoch + 1}|{self.global_step}|Loss: {values['loss']:.4f}")
-            generation = self._generation_metrics(elapsed=time.perf_counter() - t0)
             if self.global_step % self._log_every_n_steps == 0:
-                self._log_metrics({**values, **generation}, elapsed=time.perf_counter() - t0)
+                # Every rank: the generation counts are summed over ranks (only on the steps that log them).
+                elapsed = time.perf_counter() - t0
+                self._log_metrics({**values, **self._generation_metrics(elapsed=elapsed)}, elapsed=elapsed)
             t0 = time.perf_counter()
             if profiling_memory and step_in_epoch == (
                 self.profiler_wait_steps + self.profiler_warmup_steps + self.profiler_active_steps

@@ -4,6 +4,7 @@ independent reference loop without KV cache, the generated batch's labels and th
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_defaults_are_off_and_a_fraction_turns_generation_on():
 ])
 def test_each_bad_setting_is_named_with_its_fix(key, value, fix):
     problems = on_policy.section_problems({key: value})
-    assert len(problems) == 1 and __import__("re").search(fix, problems[0]), problems
+    assert len(problems) == 1 and re.search(fix, problems[0]), problems
 
 
 # ------------------------------------------------------------------------------------------- the step's kind
