@@ -33,7 +33,9 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 from tqdm import tqdm
 
-from torchtune_kd.core import checkpointing, data, fused_output, loss_step, models, preflight, teacher_cache
+from torchtune_kd.core import (
+    checkpointing, data, fused_output, loss_step, models, preflight, teacher_cache, vocabularies,
+)
 
 log = utils.get_logger("INFO")
 
@@ -58,6 +60,7 @@ class TeacherCachePrepass:
         self._cfg = cfg
         self._cache = teacher_cache.settings(cfg.teacher_cache)
         self._top_k = int(self._cache.top_k or teacher_cache.DEFAULTS["top_k"])
+        self._padding_mass = [0.0, 0]  # a padded teacher's dropped probability: sum and counted tokens
         self._device = utils.get_device(device=cfg.device)
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         kd_loss, ce_loss = config.instantiate(cfg.kd_loss), config.instantiate(cfg.loss)
@@ -87,7 +90,7 @@ class TeacherCachePrepass:
         start = time.perf_counter()
         fingerprint, stamps = teacher_cache.fingerprint(
             self._cfg, self._dataset, temperature=self._temperature, ignore_index=self._ignore_index,
-            vocab_size=self._facts.teacher_vocab, top_k=self._top_k,
+            vocab_size=self._facts.kd_vocab, top_k=self._top_k,
         )
         digest = teacher_cache.fingerprint_digest(fingerprint)
         count = len(self._dataset)
@@ -116,9 +119,15 @@ class TeacherCachePrepass:
                     self._write_shard(shard, digest, pbar)
         self._barrier()
         if self.rank == 0:
+            extra = {"prepass_seconds": time.perf_counter() - start, "world_size": self.world_size}
+            if self._facts.shared_vocab is not None and self._padding_mass[1]:
+                # This rank's shards: the teacher's probability on its padding rows, dropped by the renormalisation.
+                extra["teacher_padding_mass"] = self._padding_mass[0] / self._padding_mass[1]
+                print(f"Padded teacher: mean probability on its rows past {self._facts.shared_vocab}: "
+                      f"{extra['teacher_padding_mass']:.3g} (dropped; it should be ~0).")
             manifest = teacher_cache.write_manifest(
                 self._cache.path, fingerprint_=fingerprint, stamps=stamps, settings_=self._cache, num_items=count,
-                extra={"prepass_seconds": time.perf_counter() - start, "world_size": self.world_size},
+                extra=extra,
             )
             print(
                 f"Teacher cache written to {self._cache.path}: {teacher_cache.describe(manifest)}; pre-pass "
@@ -140,7 +149,8 @@ class TeacherCachePrepass:
         first, end = shard * per_shard, min((shard + 1) * per_shard, len(self._dataset))
         rows: List[Dict[str, torch.Tensor]] = []
         hashes: List[int] = []
-        weight = fused_output.output_weight(self._teacher)
+        # A padded teacher's top-k is that of its distribution on the shared rows, renormalised (core.vocabularies).
+        weight = vocabularies.shared_weight(fused_output.output_weight(self._teacher), self._facts.shared_vocab)
         for indices in teacher_cache.iter_shard_batches(first, end, self._batch_size):
             batch = self._collate([self._dataset[i] for i in indices])
             rows_, hashes_ = self._batch_rows(batch, weight)
@@ -166,6 +176,13 @@ class TeacherCachePrepass:
             )
         labels = loss_step.shift_labels(batch["labels"], self._ignore_index)
         real = batch[loss_step.REAL_TOKENS_KEY]
+        if self._facts.shared_vocab is not None:
+            full = fused_output.output_weight(self._teacher)
+            device_labels = labels.to(self._device)
+            self._padding_mass[0] += float(vocabularies.padding_mass_sum_hidden(
+                hidden.to(full.dtype), full, self._facts.shared_vocab, device_labels, self._ignore_index
+            ))
+            self._padding_mass[1] += int((device_labels != self._ignore_index).sum())
         rows, hashes = [], []
         for b in range(tokens.shape[0]):
             positions = (labels[b] != self._ignore_index).nonzero().squeeze(1).to(self._device)

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from torchtune_kd import output_folder
 from torchtune_kd.core import (
     alignment, checkpointing, data, fused_output, loss_step, loss_weighting, models, on_policy, output_pass, preflight,
-    safety, teacher_cache, teacher_source, training_state,
+    safety, teacher_cache, teacher_source, training_state, vocabularies,
 )
 
 log = utils.get_logger("INFO")
@@ -73,6 +73,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         self._diagnostics_every = int(cfg.get("diagnostics_every_n_steps", None) or DIAGNOSTICS_EVERY_N_STEPS)
         self._diagnose = True
         self._step_kind = teacher_source.DATA
+        self._padding_warned = False  # a padded teacher's large padding mass is warned about once
         self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", True)
 
         self.seed = training.set_seed(seed=cfg.seed, debug_mode=cfg.get("cudnn_deterministic_mode", None))
@@ -259,6 +260,11 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             )
             if self._on_policy.active:
                 self._teacher_source = self._generating_teacher(cfg, self._teacher_source)
+            if self._facts.shared_vocab is not None:
+                # Same tokenizer, teacher padded past the student's rows: KD on the shared rows (core.vocabularies).
+                self._teacher_source = vocabularies.PaddedVocabTeacher(
+                    self._teacher_source, shared=self._facts.shared_vocab, ignore_index=self._ignore_index
+                )
         self._fused_chunk_fn = None
         self._fused = self._output_path_is_fused(models_with_output)
         if self._fused:
@@ -544,6 +550,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
     def _generation_metrics(self, elapsed: float) -> Dict[str, float]:
         """The step's ``on_policy/*`` metrics (none without ``on_policy``); the counts are summed over ranks."""
         source = self._teacher_source
+        source = source.inner if isinstance(source, vocabularies.PaddedVocabTeacher) else source
         if not isinstance(source, on_policy.GeneratingTeacher):
             return {}
         counts = source.step_counts()
@@ -615,6 +622,11 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             totals, weights = self._accumulate_gradients(batches)
             grad_norm = self._clip_gradients()
             values = loss_step.read_step_values(totals, grad_norm, weights)
+            if self._facts.shared_vocab is not None and not self._padding_warned and self._is_rank_zero:
+                warning = vocabularies.padding_mass_warning(values.get(vocabularies.PADDING_MASS), self._facts.shared_vocab)
+                if warning:
+                    log.warning(warning)
+                    self._padding_warned = True
             if self._guard.check(values, step=self.global_step + 1, epoch=curr_epoch, last_checkpoint=self._last_checkpoint):
                 self._optimizer.step()
                 self._weighting.update({c: values[c] for c in loss_weighting.COMPONENTS if c in values})

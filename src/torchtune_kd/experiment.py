@@ -315,7 +315,9 @@ def run_grid(
         )["student"]
         result = {"cell": cell.name, "setting": cell.setting, "divergence": cell.divergence, "ir": cell.ir,
                   "seed": cell.seed, "heldout_ppl": metrics["perplexity"], "heldout_nll": metrics["nll"],
-                  "heldout_kl": metrics["kl_to_teacher"], "top1_agreement": metrics["top1_agreement"],
+                  "heldout_bpb": metrics["bits_per_byte"],
+                  # None for a student with another tokenizer than the teacher's (no shared token positions).
+                  "heldout_kl": metrics.get("kl_to_teacher"), "top1_agreement": metrics.get("top1_agreement"),
                   "seconds": round(time.time() - started, 1),
                   "teacher": "cache" if cache is not None and uses_cache(cell) else "live",
                   "on_policy": cell.on_policy}
@@ -329,8 +331,10 @@ def run_grid(
         rows.append(result)
         on_policy_note = (f"  on-policy KL {result['onpolicy_kl']:.4f}  teacher NLL {result['onpolicy_teacher_nll']:.4f}"
                           if prompts is not None else "")
-        print(f"[experiment]   ppl {result['heldout_ppl']:.3f}  KL to teacher {result['heldout_kl']:.4f}  agreement "
-              f"{result['top1_agreement']:.4f}{on_policy_note}  ({result['seconds']} s)")
+        teacher_note = (f"  KL to teacher {result['heldout_kl']:.4f}  agreement {result['top1_agreement']:.4f}"
+                        if result["heldout_kl"] is not None else "")
+        print(f"[experiment]   ppl {result['heldout_ppl']:.3f}  bits/byte {result['heldout_bpb']:.4f}{teacher_note}"
+              f"{on_policy_note}  ({result['seconds']} s)")
         # The run's training state (optimiser, weights) is not needed once evaluated. The run is this grid's own: it
         # lies inside the cells/ entry the grid's folder lists.
         state = cell_dir / "run" / "training_state"
@@ -348,9 +352,12 @@ def write_summary(out_dir: Path, rows: Sequence[Mapping[str, object]]) -> str:
     tables: mean ± se per setting with Δ vs CE-only, and what cosine IR adds to each divergence (when the grid has
     both IR settings). Returns the text of ``summary.md``."""
     write_rows(out_dir / "results.csv", rows)
-    # Results written before the KL metric existed lack heldout_kl: it is summarised only when every cell has it.
-    metrics = (["heldout_ppl", "heldout_kl", "top1_agreement"] if all("heldout_kl" in r for r in rows)
-               else ["heldout_ppl", "top1_agreement"])
+    # Results written before bits per byte existed lack heldout_bpb; cells of a student with another tokenizer have
+    # no KL or agreement (None): each is summarised only when every cell has it.
+    def every(metric: str) -> bool:
+        return bool(rows) and all(r.get(metric) not in (None, "") for r in rows)
+
+    metrics = [m for m in ("heldout_ppl", "heldout_bpb", "heldout_kl", "top1_agreement") if every(m)]
     # The on-policy held-out metrics (scripts/experiment.py --onpolicy-eval-data), when every cell has them.
     metrics += [m for m in ON_POLICY_METRICS if rows and all(m in r for r in rows)]
     summary = summarise(rows, metrics)

@@ -18,8 +18,9 @@ import torch
 
 from torchtune_kd.core import checkpointing
 from torchtune_kd.evaluation import run_logs
-from torchtune_kd.testing import launch
-from torchtune_kd.testing.recipes import LORA_OVERRIDES, load_recipe_module, run_recipe, tiny_config
+from torchtune_kd.testing.recipes import (
+    LORA_OVERRIDES, load_recipe_module, run_distributed_config, run_recipe, tiny_config,
+)
 
 RECIPE = load_recipe_module()
 KIND = {"full": [], "lora": list(LORA_OVERRIDES)}
@@ -135,17 +136,9 @@ def test_mid_epoch_resume_samples_what_the_uninterrupted_run_sampled(assets_root
 def test_two_processes_equal_one_on_the_same_global_batch(assets_root, tmp_path, kind):
     """Greedy samples (the same whatever rank draws them), accumulation 2, fused pass: 2 ranks x 1 row x 2 micro-
     batches against 2 rows x 2 micro-batches on one device."""
-    from omegaconf import OmegaConf
-
     common = [*KIND[kind], *COMMON, *GREEDY, "gradient_accumulation_steps=2", "max_steps_per_epoch=2"]
     run_recipe(tiny_config(assets_root, tmp_path / "single", [*common, "batch_size=2"]), RECIPE)
-    cfg = tiny_config(assets_root, tmp_path / "dist", [*common, "batch_size=1"])
-    (tmp_path / "dist").mkdir()
-    OmegaConf.save(cfg, tmp_path / "dist.yaml")
-    result = launch.run_distributed_recipe(
-        tmp_path / "dist.yaml", nproc=2, recipe_file="recipes/knowledge_distillation_distributed.py", timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-6000:]
+    run_distributed_config(tiny_config(assets_root, tmp_path / "dist", [*common, "batch_size=1"]), tmp_path / "dist.yaml")
     single, dist = logged(tmp_path / "single"), logged(tmp_path / "dist")
     assert set(single["on_policy/student_generated"].values()) == {1.0}
     assert_same_logs(single, dist, rel=1e-4)

@@ -101,3 +101,51 @@ def test_on_policy_metrics_are_zero_kl_against_itself_and_reproducible(tiny_asse
     assert first == again and first["onpolicy_kl"] > 0.01
     other_seed = heldout_metrics.evaluate_on_policy(student, teacher, prompts, max_new_tokens=5, batch_size=2, seed=1)
     assert other_seed != first
+
+
+def test_bits_per_byte_is_the_nll_in_bits_over_the_texts_utf8_bytes(tiny_assets):
+    teacher, student = tiny_assets["teacher_dir"], tiny_assets["student_dir"]
+    text_path = tiny_assets["data"]["heldout_text"]
+    results = heldout_metrics.evaluate_heldout({"student": student}, text_path, seq_len=40, max_windows=5)
+    windows = heldout_metrics.heldout_windows(student, open(text_path).read(), 40, 5)
+    from transformers import AutoTokenizer
+
+    # The windows' bodies are consecutive: together they decode to a prefix of the text, whose bytes are counted.
+    covered = AutoTokenizer.from_pretrained(student).decode(windows[:, 1:].reshape(-1).tolist())
+    assert open(text_path).read().startswith(covered)
+    got = results["student"]
+    assert got["bytes"] == len(covered.encode("utf-8"))
+    assert got["bits_per_byte"] == pytest.approx(got["nll"] * got["tokens"] / (math.log(2) * got["bytes"]), rel=1e-9)
+
+
+def test_token_byte_lengths_count_split_characters_and_no_special_token(tiny_assets):
+    from transformers import AutoTokenizer
+
+    folder = tiny_assets["student_dir"]
+    lengths = heldout_metrics.token_byte_lengths(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for text in ("café", "日本語", " leading space", "naïve façade — ok"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert sum(lengths[i] for i in ids) == len(text.encode("utf-8")), text
+    assert all(lengths[i] == 0 for i in tokenizer.all_special_ids)
+
+
+def test_a_model_with_another_tokenizer_gets_bits_per_byte_but_no_teacher_comparison(tiny_assets, tmp_path):
+    import shutil
+
+    from torchtune_kd.testing import standin_text
+
+    other = tmp_path / "student_other_tokenizer"
+    shutil.copytree(tiny_assets["student_dir"], other)
+    tokenizer_dir = tmp_path / "tokenizer"
+    standin_text.build_tokenizer(tokenizer_dir, bpe_vocab_size=900)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer_dir / name, other / name)
+    results = heldout_metrics.evaluate_heldout(
+        {"teacher": tiny_assets["teacher_dir"], "other": other}, tiny_assets["data"]["heldout_text"],
+        teacher="teacher", seq_len=40, max_windows=5,
+    )
+    assert "kl_to_teacher" not in results["other"] and "top1_agreement" not in results["other"]
+    assert results["other"]["bits_per_byte"] > 0 and results["teacher"]["kl_to_teacher"] == 0.0
+    # Another tokenizer reads more tokens for the same text: the bytes of its windows differ, each its own count.
+    assert results["other"]["bytes"] > 0

@@ -10,7 +10,8 @@ from torchtune_kd.evaluation import report
 
 
 def _metrics(ppl: float, kl: float, agreement: float) -> dict[str, float]:
-    return {"perplexity": ppl, "kl_to_teacher": kl, "top1_agreement": agreement, "tokens": 640.0}
+    return {"perplexity": ppl, "kl_to_teacher": kl, "top1_agreement": agreement, "tokens": 640.0,
+            "bits_per_byte": ppl / 100}
 
 
 def _lm_results(acc: float) -> dict:
@@ -35,10 +36,11 @@ def test_the_recovery_report_writes_the_demos_tables_from_the_metrics(tmp_path, 
     table, note, check, check_note = report.write_recovery_report(
         tmp_path, heldout, lm, ce_only=exports, distilled=exports, total_steps=4, num_layers=3, seed=7, lm_eval_limit=2)
 
-    assert table.splitlines()[2:] == ["| teacher | – | 5.00 | 0.0000 | 1.0000 |",
-                                      "| pruned | 0 | 40.00 | 2.0000 | 0.3000 |",
-                                      "| ce_only | 4 | 25.00 | 1.2000 | 0.4000 |",
-                                      "| distilled | 4 | 15.00 | 0.6000 | 0.5500 |"]
+    assert table.splitlines()[2:] == ["| teacher | – | 5.00 | 0.0500 | 0.0000 | 1.0000 |",
+                                      "| pruned | 0 | 40.00 | 0.4000 | 2.0000 | 0.3000 |",
+                                      "| ce_only | 4 | 25.00 | 0.2500 | 1.2000 | 0.4000 |",
+                                      "| distilled | 4 | 15.00 | 0.1500 | 0.6000 | 0.5500 |"]
+    assert "bits/byte" in table.splitlines()[0]
     assert "| distilled | 0.400 ± 0.010 | 0.400 ± 0.010 | 0.400 ± 0.010 |" in check
     assert "640 tokens" in note and "3 most influential layers" in note and "(seed 7)" in note
     assert "(2 documents per task)" in check_note

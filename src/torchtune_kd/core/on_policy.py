@@ -474,11 +474,11 @@ class GeneratingTeacher(TeacherSource):
         stats.generate_seconds += time.perf_counter() - started
         return prepared
 
-    def signal(self, batch: Batch, labels: torch.Tensor, *, form: str) -> TeacherSignal:
+    def signal(self, batch: Batch, labels: torch.Tensor, *, form: str, diagnostics: bool = False) -> TeacherSignal:
         if self.kind == DATA:
-            return self.teacher.signal(batch, labels, form=form)
+            return self.teacher.signal(batch, labels, form=form, diagnostics=diagnostics)
         started = time.perf_counter()
-        signal = self.teacher.signal(batch, labels, form=form)
+        signal = self.teacher.signal(batch, labels, form=form, diagnostics=diagnostics)
         self.synchronize()  # a generated step already waits for the device at every sampled token
         self.stats.score_seconds += time.perf_counter() - started
         return signal

@@ -207,5 +207,7 @@ def micro_batch_sums(
     labels = loss_step.shift_labels(batch["labels"], ignore_index)
     with output_pass.student_output(student), (activations or contextlib.nullcontext()):
         output = student(batch["tokens"], mask=batch.get("mask", None), input_pos=batch.get("input_pos", None))
-    signal = teacher.signal(batch, labels, form=output_pass.teacher_form)
-    return output_pass.token_sums(output, signal, labels, coefficients, diagnostics=diagnostics)
+    signal = teacher.signal(batch, labels, form=output_pass.teacher_form, diagnostics=diagnostics)
+    sums = output_pass.token_sums(output, signal, labels, coefficients, diagnostics=diagnostics)
+    sums.update(getattr(signal, "extra_sums", {}))  # what the source measured (e.g. a padded teacher's dropped mass)
+    return sums

@@ -4,7 +4,7 @@
 :class:`ConfigError` (a ``ValueError``), each naming the key, the value and the fix: unknown keys, bad numbers,
 missing files, inconsistent loss/chunk settings, loss and optimiser arguments (the losses are built, the optimiser
 class is imported and its keywords checked against its signature), bad layer mappings and scales, a
-student/teacher vocabulary mismatch, a tokenizer longer than the models, and, with files, truncated safetensors,
+student/teacher vocabulary mismatch (a padded teacher must prove its tokenizer the student's), a tokenizer longer than the models, and, with files, truncated safetensors,
 checkpoint folders whose ``config.json`` does not match the builder and an output folder that cannot be written.
 With ``build_data=True`` it also builds the tokenizer and the dataset (and hands them back for the recipe to reuse)
 and names empty, malformed or mis-columned data files and a dataset too small for one optimiser step.
@@ -29,6 +29,7 @@ from torchtune_kd.core.config_checks import losses as loss_checks
 from torchtune_kd.core.config_checks import models as model_checks
 from torchtune_kd.core.config_checks import on_policy as on_policy_checks
 from torchtune_kd.core.config_checks import optimizer as optimizer_checks
+from torchtune_kd.core.config_checks import vocab as vocab_checks
 from torchtune_kd.core.config_checks.common import Findings
 from torchtune_kd.errors import ConfigError
 
@@ -124,13 +125,17 @@ def validate_config(
         if facts is not None:
             mapping = loss_checks.check_layer_mapping(cfg, facts.student_depth, facts.teacher_depth, weighting)
             facts.layer_pairs = report.add(mapping).layer_pairs
+            vocabularies = report.add(vocab_checks.check_sizes(cfg, facts.student_vocab, facts.teacher_vocab))
+            facts.shared_vocab = vocabularies.shared_vocab
+            if facts.shared_vocab is not None:
+                report.add(on_policy_checks.check_padded_teacher(cfg))
     del models
 
     cache_ok = False
     if has_cache:
         section = cache_checks.check_section(
             cfg,
-            teacher_vocab=facts.teacher_vocab if facts is not None else None,
+            teacher_vocab=facts.kd_vocab if facts is not None else None,
             layer_pairs=facts.layer_pairs if facts is not None else [],
             kd_class=losses.kd_class,
             writing=writing_cache,
@@ -145,9 +150,13 @@ def validate_config(
             report.add(on_policy_checks.check_prompts(cfg, built.dataset, losses.ignore_index))
             if facts is not None:
                 facts.tokenizer, facts.dataset, facts.num_samples = built.tokenizer, built.dataset, len(built.dataset)
+                report.add(vocab_checks.check_tokenizers(
+                    cfg, built.tokenizer, built.dataset, shared_vocab=facts.shared_vocab,
+                    teacher_vocab=facts.teacher_vocab,
+                ))
                 if cache_ok and not writing_cache:
                     report.add(cache_checks.check_contents(
-                        cfg, built.dataset, loss_settings=losses.cache_settings(), teacher_vocab=facts.teacher_vocab
+                        cfg, built.dataset, loss_settings=losses.cache_settings(), teacher_vocab=facts.kd_vocab
                     ))
 
     if not report.ok:

@@ -20,7 +20,10 @@ Sources:
 
 - :class:`LiveTeacher`: the frozen teacher model, run on the micro-batch's own tokens;
 - :class:`CachedTeacher`: a teacher cache (``core.teacher_cache``, built by ``recipes/cache_teacher.py``), looked up
-  by the batch's sample ids; the teacher is never built.
+  by the batch's sample ids; the teacher is never built;
+- ``core.vocabularies.PaddedVocabTeacher``: wraps a live (or on-policy) source of a teacher whose vocabulary is the
+  student's plus padding rows (one tokenizer): its logits, or the fused pass's output weight, restricted to the
+  shared rows, and the dropped probability measured on diagnostics steps (:attr:`TeacherLogits.extra_sums`).
 
 A source has three steps, :meth:`TeacherSource.begin_step`, :meth:`TeacherSource.prepare` and
 :meth:`TeacherSource.signal`, so that sources beyond these fit without a new path in the recipe. Before an optimiser
@@ -48,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Dict, Protocol, Sequence, Union
+from typing import Callable, Dict, Mapping, Protocol, Sequence, Union
 
 import torch
 from torch import nn
@@ -75,9 +78,12 @@ class TeacherLogits:
     Attributes:
         logits (Union[torch.Tensor, Sequence[torch.Tensor]]): ``(bsz, seq_len, vocab)``, or the list of
             ``(bsz, seq_len / n, vocab)`` chunks a model with ``num_output_chunks = n`` returns.
+        extra_sums (Mapping[str, torch.Tensor]): detached fp32 token sums over the counted tokens that the source
+            measured on the way (e.g. ``vocabularies.PADDING_MASS``); logged as means next to the losses.
     """
 
     logits: Union[torch.Tensor, Sequence[torch.Tensor]]
+    extra_sums: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -87,10 +93,12 @@ class TeacherHidden:
     Attributes:
         hidden (torch.Tensor): ``(bsz, seq_len, dim_t)``, no gradient.
         weight (torch.Tensor): ``(vocab, dim_t)``, whole (gathered when sharded), no gradient.
+        extra_sums (Mapping[str, torch.Tensor]): as :attr:`TeacherLogits.extra_sums`.
     """
 
     hidden: torch.Tensor
     weight: torch.Tensor
+    extra_sums: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 TeacherSignal = Union[TeacherLogits, TeacherHidden, kd_losses.TeacherTopK]
@@ -136,7 +144,7 @@ class TeacherSource:
         """
         return batch
 
-    def signal(self, batch: Batch, labels: torch.Tensor, *, form: str) -> TeacherSignal:
+    def signal(self, batch: Batch, labels: torch.Tensor, *, form: str, diagnostics: bool = False) -> TeacherSignal:
         """The teacher's signal for a prepared micro-batch, one row per student token.
 
         Args:
@@ -145,6 +153,7 @@ class TeacherSource:
                 counts).
             form (str): the dense form the output pass takes, :data:`LOGITS` or :data:`HIDDEN`; a sparse source
                 returns a ``kd_losses.TeacherTopK`` instead.
+            diagnostics (bool): the step computes diagnostics: a source may measure more (``extra_sums``).
 
         Returns:
             TeacherSignal: :class:`TeacherLogits`, :class:`TeacherHidden` or ``kd_losses.TeacherTopK`` (with its
@@ -180,7 +189,7 @@ class LiveTeacher(TeacherSource):
         self.model = model
         self._output_weight = output_weight
 
-    def signal(self, batch: Batch, labels: torch.Tensor, *, form: str) -> TeacherSignal:
+    def signal(self, batch: Batch, labels: torch.Tensor, *, form: str, diagnostics: bool = False) -> TeacherSignal:
         if form == HIDDEN:
             with fused_output.hidden_states_out(self.model), torch.no_grad():
                 hidden = _forward(self.model, batch)
@@ -224,7 +233,9 @@ class CachedTeacher(TeacherSource):
         return {**batch, "teacher_ids": teacher.ids, "teacher_logprobs": teacher.logprobs,
                 "teacher_log_tail": teacher.log_tail, "teacher_entropy": entropy}
 
-    def signal(self, batch: Batch, labels: torch.Tensor, *, form: str) -> kd_losses.TeacherTopK:
+    def signal(
+        self, batch: Batch, labels: torch.Tensor, *, form: str, diagnostics: bool = False
+    ) -> kd_losses.TeacherTopK:
         """The cached ``kd_losses.TeacherTopK`` ``(bsz, seq_len, k)`` with its ``entropy``, whatever ``form``: the
         rows :meth:`on_host` added, or (for a batch that did not pass through it) a lookup now."""
         if all(key in batch for key in CACHED_ROWS):

@@ -1,4 +1,5 @@
-"""Held-out language-model metrics for Hugging Face model folders: perplexity, and top-1 agreement and forward KL
+"""Held-out language-model metrics for Hugging Face model folders: perplexity and bits per byte (comparable across
+tokenizers), and top-1 agreement and forward KL
 against a teacher; and on the student's own samples from held-out prompts, its per-token KL to the teacher and the
 teacher's NLL of them (:func:`evaluate_on_policy`).
 
@@ -41,6 +42,42 @@ def heldout_windows(tokenizer_dir: PathLike, text: str, seq_len: int, max_window
     return torch.tensor(windows)
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (printable stand-ins for the 256 bytes) back to the bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(printable, codes)}
+
+
+def token_byte_lengths(tokenizer_dir: PathLike) -> list[int]:
+    """The UTF-8 bytes of text each id of the folder's tokenizer stands for (0 for special tokens).
+
+    A byte-level BPE token (GPT-2, Llama 3, SmolLM2, Qwen) is read through the byte alphabet, so a token holding half
+    of a multi-byte character counts its own bytes; any other token counts the bytes of its decoded text.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    alphabet = _byte_decoder()
+    special = set(tokenizer.all_special_ids) | {int(i) for i in tokenizer.added_tokens_decoder}
+    lengths = []
+    for token_id in range(len(tokenizer)):
+        if token_id in special:
+            lengths.append(0)
+            continue
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if piece is not None and all(ch in alphabet for ch in piece):
+            lengths.append(len(piece))
+        else:
+            lengths.append(len(tokenizer.decode([token_id]).encode("utf-8")))
+    return lengths
+
+
 def _load(folder: PathLike) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -70,7 +107,7 @@ def evaluate_heldout(
     """Perplexity of every model on held-out text and, against ``teacher``, top-1 agreement and forward KL.
 
     Args:
-        model_dirs (Mapping[str, PathLike]): name -> Hugging Face model folder (all with the same tokenizer).
+        model_dirs (Mapping[str, PathLike]): name -> Hugging Face model folder, each with its tokenizer's files.
         text_path (PathLike): held-out plain text.
         teacher (Optional[str]): name of the teacher in ``model_dirs`` (agreement and KL are then reported).
         seq_len (int): tokens per window (including bos).
@@ -81,12 +118,19 @@ def evaluate_heldout(
             are the same either way.
 
     Returns:
-        dict: ``{name: {"nll": mean next-token NLL (nats), "perplexity": exp(nll), "tokens": count, and with a
-        teacher "top1_agreement" (share of tokens whose argmax matches the teacher's) and "kl_to_teacher" (mean
-        KL(p_teacher ‖ p_model) per token, nats: what forward-KL distillation minimises)}}``.
+        dict: ``{name: {"nll": mean next-token NLL (nats), "perplexity": exp(nll), "tokens": count, "bytes": the
+        UTF-8 bytes those tokens stand for, "bits_per_byte": the summed NLL in bits over those bytes (independent of
+        the tokenizer: models with different tokenizers compare on it), and, with a teacher and for the models that
+        tokenise the text as the teacher does, "top1_agreement" (share of tokens whose argmax matches the teacher's)
+        and "kl_to_teacher" (mean KL(p_teacher ‖ p_model) per token, nats: what forward-KL distillation
+        minimises)}}``. Models with another tokenizer read the text in their own windows; give ``max_windows``
+        enough to cover all of it when comparing their bits per byte (otherwise each covers its own prefix).
     """
-    first = next(iter(model_dirs.values()))
-    windows = heldout_windows(first, Path(text_path).read_text(), seq_len, max_windows)
+    text = Path(text_path).read_text()
+    # Each model reads the text through its own tokenizer; agreement and KL need the teacher's token positions, so
+    # they are reported for the models whose windows are the teacher's (the same tokenization of this text).
+    windows_of = {name: heldout_windows(folder, text, seq_len, max_windows) for name, folder in model_dirs.items()}
+    windows = windows_of[teacher] if teacher is not None else next(iter(windows_of.values()))
     teacher_model = _load(model_dirs[teacher]) if teacher is not None else None
     # The teacher's logits for the whole text are kept when they fit `keep_teacher_logits_bytes` (then the teacher
     # runs once, not once per model); otherwise it stays loaded and recomputes them batch by batch (the whole text
@@ -105,24 +149,32 @@ def evaluate_heldout(
         return logits
 
     results: dict[str, dict[str, float]] = {}
+    byte_lengths: dict[str, torch.Tensor] = {}
     for name, folder in model_dirs.items():
         model = teacher_model if name == teacher else _load(folder)
+        own = windows_of[name]
+        same_tokens = teacher_model is not None and own.shape == windows.shape and torch.equal(own, windows)
         nll = agree = kl = 0.0
         count = 0
-        for start in range(0, len(windows), batch_size):
-            batch = windows[start: start + batch_size]
+        for start in range(0, len(own), batch_size):
+            batch = own[start: start + batch_size]
             logits = teacher_logits(start, batch) if model is teacher_model else model(batch).logits.float()[:, :-1]
             targets = batch[:, 1:]
             nll += torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum"
             ).item()
             count += targets.numel()
-            if teacher_model is not None:
+            if same_tokens:
                 t_logits = logits if model is teacher_model else teacher_logits(start, batch)
                 agree += (logits.argmax(-1) == t_logits.argmax(-1)).sum().item()
                 kl += kl_sum(t_logits, logits)
-        entry = {"nll": nll / count, "perplexity": math.exp(nll / count), "tokens": float(count)}
-        if teacher_model is not None:
+        key = str(Path(folder).resolve())
+        if key not in byte_lengths:
+            byte_lengths[key] = torch.tensor(token_byte_lengths(folder))
+        text_bytes = int(byte_lengths[key][own[:, 1:]].sum())
+        entry = {"nll": nll / count, "perplexity": math.exp(nll / count), "tokens": float(count),
+                 "bytes": float(text_bytes), "bits_per_byte": nll / (math.log(2) * max(text_bytes, 1))}
+        if same_tokens:
             entry["top1_agreement"] = agree / count
             entry["kl_to_teacher"] = kl / count
         results[name] = entry

@@ -57,15 +57,17 @@ def write_recovery_report(
     for name, key in headline_keys.items():
         metrics = heldout[key]
         row = {"model": name, "steps": steps_of[name], "heldout_ppl": metrics["perplexity"],
-               "heldout_kl": metrics["kl_to_teacher"], "top1_agreement": metrics["top1_agreement"]}
+               "heldout_bpb": metrics["bits_per_byte"], "heldout_kl": metrics["kl_to_teacher"],
+               "top1_agreement": metrics["top1_agreement"]}
         for task, metric in CHECK_METRICS:
             value, stderr = tables.extract_metric(lm_results[name], task, metric)
             row[f"{task}/{metric}"], row[f"{task}/{metric}_stderr"] = value, stderr
         rows.append(row)
-        table_rows.append([name, steps_of[name], f"{row['heldout_ppl']:.2f}", f"{row['heldout_kl']:.4f}",
-                           f"{row['top1_agreement']:.4f}"])
+        table_rows.append([name, steps_of[name], f"{row['heldout_ppl']:.2f}", f"{row['heldout_bpb']:.4f}",
+                           f"{row['heldout_kl']:.4f}", f"{row['top1_agreement']:.4f}"])
     table = tables.markdown_table(
-        ["model", "steps", "held-out ppl ↓", "held-out KL(teacher ‖ model) ↓", "top-1 agreement ↑"], table_rows)
+        ["model", "steps", "held-out ppl ↓", "bits/byte ↓", "held-out KL(teacher ‖ model) ↓", "top-1 agreement ↑"],
+        table_rows)
     check_rows = []
     for row in rows:
         cells = [row["model"]]

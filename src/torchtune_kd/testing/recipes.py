@@ -71,3 +71,16 @@ def run_recipe(cfg: DictConfig, module: Optional[ModuleType] = None) -> Any:
     recipe.train()
     recipe.cleanup()
     return recipe
+
+
+def run_distributed_config(cfg: DictConfig, config_file: Path, *, nproc: int = 2, timeout: float = 300) -> None:
+    """Write ``cfg`` to ``config_file``, create its output folder and run the distributed recipe on it with ``nproc``
+    gloo processes (``testing.launch``); a failed run raises with the end of its output."""
+    from torchtune_kd.testing import launch
+
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, config_file)
+    result = launch.run_distributed_recipe(
+        config_file, nproc=nproc, recipe_file="recipes/knowledge_distillation_distributed.py", timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-6000:]

@@ -44,6 +44,8 @@ class ModelFacts:
         dataset (Any): the built dataset (a ``ConcatDataset`` for a list of datasets; ``build_data=True``), else
             ``None``.
         num_samples (Optional[int]): ``len(dataset)`` (packs when packed; ``build_data=True``), else ``None``.
+        shared_vocab (Optional[int]): when the teacher's vocabulary is the student's plus padding rows, the rows KD
+            compares on (the student's vocabulary; ``core.vocabularies``); ``None``: one vocabulary.
         output_path (Any): the output pass the run takes (``config_checks.execution.OutputPathFindings``: fused or
             not, chunk size, why), set by the pre-flight.
     """
@@ -62,7 +64,14 @@ class ModelFacts:
     tokenizer: Any = field(default=None, repr=False, compare=False)
     dataset: Any = field(default=None, repr=False, compare=False)
     num_samples: Optional[int] = None
+    shared_vocab: Optional[int] = None
     output_path: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def kd_vocab(self) -> int:
+        """The rows the teacher's distribution is compared on: the shared rows of a padded teacher, else its
+        vocabulary (a teacher cache stores ids below it)."""
+        return self.shared_vocab if self.shared_vocab is not None else self.teacher_vocab
 
 
 @dataclass
@@ -128,7 +137,7 @@ def build_meta_models(cfg: DictConfig) -> MetaModels:
 
 
 def read_facts(models: MetaModels) -> FactsFindings:
-    """Depths, sizes and vocabularies of both models, which must share one vocabulary.
+    """Depths, sizes and vocabularies of both models.
 
     Args:
         models (MetaModels): both models built (``student`` and ``teacher`` not ``None``).
@@ -152,11 +161,5 @@ def read_facts(models: MetaModels) -> FactsFindings:
     except ValueError as err:  # alignment names the model that is not a decoder it can read
         found.problems.append(str(err))
         return found
-    found.facts = facts
-    if facts.student_vocab != facts.teacher_vocab:
-        found.problems.append(
-            f"vocabulary sizes differ: model has {facts.student_vocab} tokens, teacher_model has "
-            f"{facts.teacher_vocab}; logit distillation compares distributions over one shared vocabulary, so "
-            "use a teacher and student with the same tokenizer"
-        )
+    found.facts = facts  # whether the two vocabularies can be paired is config_checks.vocab's question
     return found

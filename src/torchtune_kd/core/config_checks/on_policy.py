@@ -68,6 +68,19 @@ def check_section(cfg: DictConfig) -> Findings:
     return found
 
 
+def check_padded_teacher(cfg: DictConfig) -> Findings:
+    """A padded-vocabulary teacher (``core.vocabularies``) does not sample: its padding rows are not the student's."""
+    found = Findings()
+    settings = _settings(cfg)
+    if settings is not None and settings.teacher_generated:
+        found.problems.append(
+            "on_policy.teacher_generated=true with a padded teacher (teacher_model has more vocabulary rows than "
+            "model): the teacher could sample a padding id the student has no row for. Set "
+            "on_policy.teacher_generated=false (the student's own samples work with a padded teacher)"
+        )
+    return found
+
+
 def _prompt_length(labels: Any, ignore_index: int) -> int:
     for position, label in enumerate(labels):
         if int(label) != ignore_index:
