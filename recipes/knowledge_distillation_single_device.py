@@ -37,9 +37,10 @@ from tqdm import tqdm
 
 from torchtune_kd import output_folder
 from torchtune_kd.core import (
-    alignment, checkpointing, data, fused_output, loss_step, loss_weighting, models, on_policy, output_pass, preflight,
-    safety, teacher_cache, teacher_source, training_state, vocabularies,
+    alignment, checkpointing, cross_tokenizer, cross_tokenizer_loss, data, fused_output, loss_step, loss_weighting,
+    models, on_policy, output_pass, preflight, safety, teacher_cache, teacher_source, training_state, vocabularies,
 )
+from torchtune_kd.core.config_checks.cross_tokenizer import settings as cross_tokenizer_settings
 
 log = utils.get_logger("INFO")
 # Default of diagnostics_every_n_steps (configs/tiny_cpu.yaml sets 1 so that the tests see them on every step).
@@ -249,6 +250,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
         models_with_output = [m for m in (self._model, self._teacher_model) if m is not None]
         self._losses = loss_step.build_losses(cfg.loss, cfg.kd_loss, models_with_output, compile=self._compile)
         self._ignore_index = self._losses.ignore_index
+        self._cross_tokenizer_kd: Optional[cross_tokenizer_loss.CrossTokenizerKD] = None
         if self._cache_settings is not None:
             # The teacher is never built: its top-k distributions are read per sample id (core.teacher_cache).
             self._teacher_cache = teacher_cache.TeacherCache(self._cache_settings.path, ignore_index=self._ignore_index)
@@ -260,6 +262,8 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             )
             if self._on_policy.active:
                 self._teacher_source = self._generating_teacher(cfg, self._teacher_source)
+            if cfg.get("cross_tokenizer", None) is not None:
+                self._teacher_source = self._cross_tokenizer_teacher(cfg)
             if self._facts.shared_vocab is not None:
                 # Same tokenizer, teacher padded past the student's rows: KD on the shared rows (core.vocabularies).
                 self._teacher_source = vocabularies.PaddedVocabTeacher(
@@ -281,7 +285,7 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             size = f"{chunk_size} tokens per chunk" if chunk_size else "chunks of about vocab / hidden per step"
             log.info(f"Fused output pass: CE and KD from hidden states, {size}.")
         else:
-            self._output_pass = output_pass.UnfusedPass(self._losses)
+            self._output_pass = output_pass.UnfusedPass(self._losses, cross_tokenizer=self._cross_tokenizer_kd)
         log.info(
             f"Loss is initialized ({type(self._losses.kd_loss).__name__}, output chunks: "
             f"{self._losses.num_output_chunks or 'none'})."
@@ -341,6 +345,27 @@ class KDRecipeSingleDevice(FTRecipeInterface):
             live, self._model, settings, seed=self.seed, rank=self.rank, ignore_index=self._ignore_index,
             pad_id=tokenizer.pad_id, stop_tokens=stop_tokens, max_seq_len=cfg.tokenizer.get("max_seq_len", None),
             dtype=self._dtype, all_done=self._all_done, synchronize=synchronize,
+        )
+
+    def _cross_tokenizer_teacher(self, cfg: DictConfig) -> cross_tokenizer.CrossTokenizerTeacher:
+        """The live teacher reading each batch in its own tokens, and the loss of the aligned positions
+        (``cross_tokenizer``, ``core.cross_tokenizer``)."""
+        facts, settings = self._facts, cross_tokenizer_settings(cfg)
+        student_table = cross_tokenizer.TokenTable.from_tokenizer(self._tokenizer, facts.student_vocab)
+        teacher_table = cross_tokenizer.TokenTable.from_tokenizer(facts.teacher_tokenizer, facts.teacher_vocab)
+        student_ids, teacher_ids = cross_tokenizer.shared_vocabulary(student_table, teacher_table)
+        self._cross_tokenizer_kd = cross_tokenizer_loss.CrossTokenizerKD(
+            self._losses.kd_loss, student_ids, teacher_ids, exact_weight=settings.exact_weight,
+            uld_weight=settings.uld_weight, uld_top_k=settings.uld_top_k,
+        ).to(self._device)
+        log.info(
+            f"Cross-tokenizer teacher: {student_ids.numel()} shared tokens; KD = {settings.exact_weight} x "
+            f"{type(self._losses.kd_loss).__name__} on them + {settings.uld_weight} x ULD (top {settings.uld_top_k}) at "
+            "aligned positions."
+        )
+        max_len = cfg.teacher_tokenizer.get("max_seq_len", None) or facts.teacher_max_seq_len
+        return cross_tokenizer.CrossTokenizerTeacher(
+            self._teacher_model, student_table, teacher_table, facts.teacher_tokenizer, max_teacher_len=max_len
         )
 
     def _restore_training_state(self, state: training_state.TrainingState) -> None:

@@ -24,7 +24,8 @@ from torchtune_kd.evaluation import run_logs
 from torchtune_kd.models.padding import pad_vocabulary
 from torchtune_kd.testing import standin_text
 from torchtune_kd.testing.recipes import (
-    LORA_OVERRIDES, load_recipe_module, run_distributed_config, run_recipe, tiny_config,
+    LORA_OVERRIDES, assert_logged_values_equal, assert_same_weights, load_recipe_module, refusal_before_weights,
+    run_distributed_config, run_recipe, tiny_config,
 )
 
 RECIPE = load_recipe_module()
@@ -57,9 +58,7 @@ def logged(out: Path) -> dict:
 
 def assert_same_run(plain: dict, padded_run: dict) -> None:
     assert set(padded_run) - set(plain) == {MASS}, set(padded_run) ^ set(plain)
-    for key, values in plain.items():
-        for step, value in values.items():
-            assert padded_run[key][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, step)
+    assert_logged_values_equal(plain, padded_run, rel=1e-5)
 
 
 @pytest.mark.parametrize("kind,path", [("full", "unfused"), ("lora", "fused"), ("full", "fused")])
@@ -71,9 +70,7 @@ def test_a_padded_teacher_trains_the_student_as_the_unpadded_one(assets_root, pa
     a, b = logged(tmp_path / "plain"), logged(tmp_path / "padded")
     assert_same_run(a, b)
     assert b[MASS].keys() == {1, 2, 3} and all(0.0 < v < 1.0 for v in b[MASS].values())
-    sa, sb = plain._model.state_dict(), run._model.state_dict()
-    for name in sa:
-        torch.testing.assert_close(sb[name], sa[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(plain._model, run._model)
 
 
 def test_the_logged_padding_mass_is_the_teachers_probability_on_its_padding_rows(assets_root, padded_teacher, tmp_path):
@@ -120,12 +117,8 @@ def test_a_cache_of_the_padded_teacher_trains_as_the_live_unpadded_teacher(asset
     assert cached._teacher_model is None
     a, b = logged(tmp_path / "live"), logged(tmp_path / "cached")
     assert a.keys() == b.keys()
-    for key, values in a.items():
-        for step, value in values.items():
-            assert b[key][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, step)
-    sa, sb = live._model.state_dict(), cached._model.state_dict()
-    for name in sa:
-        torch.testing.assert_close(sb[name], sa[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_logged_values_equal(a, b, rel=1e-5)
+    assert_same_weights(live._model, cached._model)
 
 
 def test_two_processes_equal_one_with_a_padded_teacher(assets_root, padded_teacher, tmp_path):
@@ -134,22 +127,14 @@ def test_two_processes_equal_one_with_a_padded_teacher(assets_root, padded_teach
     run_distributed_config(tiny_config(assets_root, tmp_path / "dist", [*common, "batch_size=2"]), tmp_path / "dist.yaml")
     single, dist = logged(tmp_path / "single"), logged(tmp_path / "dist")
     assert MASS in single
-    for key, values in single.items():
-        for step, value in values.items():
-            assert dist[key][step] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, step)
+    assert_logged_values_equal(single, dist, rel=1e-4)
 
 
 def test_another_tokenizer_is_refused_before_any_weight_loads(assets_root, padded_teacher, tmp_path, monkeypatch):
     other = tmp_path / "other_tokenizer"
     standin_text.build_tokenizer(other, bpe_vocab_size=900)
     cfg = tiny_config(assets_root, tmp_path / "run", [*COMMON, *padded(padded_teacher)[:2], *tokenizer_overrides(other)])
-
-    def no_weights(*args, **kwargs):
-        raise AssertionError("a checkpoint was loaded before the refusal")
-
-    monkeypatch.setattr("torchtune.training.FullModelHFCheckpointer.load_checkpoint", no_weights)
-    with pytest.raises(ConfigError, match="teacher_tokenizer is another tokenizer than tokenizer"):
-        RECIPE.KDRecipeSingleDevice(cfg=cfg)
+    assert "teacher_tokenizer is another tokenizer than tokenizer" in refusal_before_weights(cfg, monkeypatch, RECIPE)
 
 
 def test_sizes_alone_are_refused_with_the_fix(assets_root, padded_teacher, tmp_path):

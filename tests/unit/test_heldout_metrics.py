@@ -104,7 +104,7 @@ def test_on_policy_metrics_are_zero_kl_against_itself_and_reproducible(tiny_asse
 
 
 def test_bits_per_byte_is_the_nll_in_bits_over_the_texts_utf8_bytes(tiny_assets):
-    teacher, student = tiny_assets["teacher_dir"], tiny_assets["student_dir"]
+    student = tiny_assets["student_dir"]
     text_path = tiny_assets["data"]["heldout_text"]
     results = heldout_metrics.evaluate_heldout({"student": student}, text_path, seq_len=40, max_windows=5)
     windows = heldout_metrics.heldout_windows(student, open(text_path).read(), 40, 5)

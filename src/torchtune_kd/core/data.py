@@ -32,6 +32,13 @@ def dataset_sections(cfg_dataset: Optional[Union[DictConfig, ListConfig]]) -> li
     return [("dataset", cfg_dataset)] if cfg_dataset is not None else []
 
 
+def packed_sections(cfg_dataset: Any) -> list[str]:
+    """The config key of each dataset section that sets ``packed: true``."""
+    if not isinstance(cfg_dataset, (DictConfig, ListConfig)):
+        return []
+    return [where for where, ds in dataset_sections(cfg_dataset) if isinstance(ds, DictConfig) and ds.get("packed", False)]
+
+
 def build_tokenizer(cfg_tokenizer: DictConfig) -> Any:
     """The tokenizer of the ``tokenizer`` section (its builder's own errors propagate)."""
     return tt_config.instantiate(cfg_tokenizer)

@@ -296,6 +296,8 @@ def log_dict(values: Mapping[str, float], *, lr: float, elapsed: float) -> dict[
         # Already means over the step's counted tokens.
         logged["kd/top1_agreement"] = values["agree"]
         logged["kd/teacher_entropy"] = values["teacher_entropy"]
+    if "aligned" in values:  # a teacher with another tokenizer (core.cross_tokenizer): the counted tokens with KD
+        logged["kd/aligned_fraction"] = values["aligned"]
     if "teacher_padding_mass" in values:  # a padded-vocabulary teacher (core.vocabularies), on diagnostics steps
         logged["kd/teacher_padding_mass"] = values["teacher_padding_mass"]
     if "ir" in values:

@@ -27,7 +27,7 @@ from torch import nn
 import kd_losses
 from torchtune_kd.core import fused_output, loss_step
 from torchtune_kd.core.teacher_source import (
-    HIDDEN, LOGITS, Batch, TeacherHidden, TeacherLogits, TeacherSignal, TeacherSource,
+    HIDDEN, LOGITS, Batch, TeacherAligned, TeacherHidden, TeacherLogits, TeacherSignal, TeacherSource,
 )
 
 Sums = Dict[str, torch.Tensor]
@@ -47,8 +47,9 @@ class UnfusedPass:
     fused = False
     teacher_form = LOGITS
 
-    def __init__(self, losses: loss_step.StepLosses) -> None:
+    def __init__(self, losses: loss_step.StepLosses, cross_tokenizer: Optional[nn.Module] = None) -> None:
         self._losses = losses
+        self._cross_tokenizer = cross_tokenizer
 
     def student_output(self, model: nn.Module) -> ContextManager[None]:
         """The context the student's forward runs in: the model as it is (logits)."""
@@ -72,6 +73,8 @@ class UnfusedPass:
             Sums: differentiable fp32 sums ``ce`` and ``kd`` (× T²); with ``diagnostics`` the detached ``agree`` and
             ``teacher_entropy``.
         """
+        if isinstance(teacher, TeacherAligned):
+            return self._aligned_sums(student, teacher, labels, diagnostics)
         if isinstance(teacher, TeacherLogits):
             target = teacher.logits
         elif isinstance(teacher, kd_losses.TeacherTopK):
@@ -92,6 +95,18 @@ class UnfusedPass:
             sums["agree"], sums["teacher_entropy"] = loss_step.kd_health_sums(
                 student, target, labels, losses.ignore_index
             )
+        return sums
+
+
+    def _aligned_sums(self, student: loss_step.Logits, teacher: TeacherAligned, labels: torch.Tensor,
+                      diagnostics: bool) -> Sums:
+        """CE on every counted student token; KD (``core.cross_tokenizer_loss``) on the aligned ones, whose count is
+        ``aligned`` (logged as the aligned share of the counted tokens)."""
+        if self._cross_tokenizer is None:
+            raise TypeError("a TeacherAligned signal needs the pass's cross_tokenizer loss (UnfusedPass(cross_tokenizer=...))")
+        sums = {"ce": self._losses.ce_token_sum(student, labels)}
+        sums.update(self._cross_tokenizer.token_sums(student, teacher.logits, teacher.aligned, labels,
+                                                     diagnostics=diagnostics))
         return sums
 
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from torchtune_kd.core.config_checks import cache as cache_checks
 from torchtune_kd.core.config_checks import checkpoints, execution, output, top_level
+from torchtune_kd.core.config_checks import cross_tokenizer as cross_tokenizer_checks
 from torchtune_kd.core.config_checks import data as data_checks
 from torchtune_kd.core.config_checks import losses as loss_checks
 from torchtune_kd.core.config_checks import models as model_checks
@@ -99,6 +100,7 @@ def validate_config(
     report.add(output_path)
     report.add(top_level.check_training(cfg, check_device=check_device))
     report.add(on_policy_checks.check_section(cfg))
+    report.add(cross_tokenizer_checks.check_section(cfg))
     weighting = report.add(loss_checks.check_weighting(cfg)).weighting
     report.add(losses)
     report.add(optimizer_checks.check_optimizer(cfg))
@@ -150,10 +152,10 @@ def validate_config(
             report.add(on_policy_checks.check_prompts(cfg, built.dataset, losses.ignore_index))
             if facts is not None:
                 facts.tokenizer, facts.dataset, facts.num_samples = built.tokenizer, built.dataset, len(built.dataset)
-                report.add(vocab_checks.check_tokenizers(
+                facts.teacher_tokenizer = report.add(vocab_checks.check_tokenizers(
                     cfg, built.tokenizer, built.dataset, shared_vocab=facts.shared_vocab,
-                    teacher_vocab=facts.teacher_vocab,
-                ))
+                    teacher_vocab=facts.teacher_vocab, student_vocab=facts.student_vocab,
+                )).teacher_tokenizer
                 if cache_ok and not writing_cache:
                     report.add(cache_checks.check_contents(
                         cfg, built.dataset, loss_settings=losses.cache_settings(), teacher_vocab=facts.kd_vocab

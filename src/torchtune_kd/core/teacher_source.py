@@ -101,7 +101,22 @@ class TeacherHidden:
     extra_sums: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
-TeacherSignal = Union[TeacherLogits, TeacherHidden, kd_losses.TeacherTopK]
+@dataclass(frozen=True)
+class TeacherAligned:
+    """A teacher with another tokenizer (``core.cross_tokenizer``): its logits over its own vocabulary, gathered at
+    the student positions that have an aligned teacher position.
+
+    Attributes:
+        logits (torch.Tensor): ``(bsz, seq_len, vocab_t)``: at an aligned student position, the teacher's logits at
+            the aligned teacher position; anything elsewhere. No gradient.
+        aligned (torch.Tensor): ``(bsz, seq_len)`` bool.
+    """
+
+    logits: torch.Tensor
+    aligned: torch.Tensor
+
+
+TeacherSignal = Union[TeacherLogits, TeacherHidden, kd_losses.TeacherTopK, TeacherAligned]
 
 
 #: What :meth:`CachedTeacher.on_host` adds to a batch: the cached rows, which move to the device with it.

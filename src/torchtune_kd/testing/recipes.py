@@ -84,3 +84,39 @@ def run_distributed_config(cfg: DictConfig, config_file: Path, *, nproc: int = 2
         config_file, nproc=nproc, recipe_file="recipes/knowledge_distillation_distributed.py", timeout=timeout
     )
     assert result.returncode == 0, result.stdout[-6000:]
+
+
+def refusal_before_weights(cfg: DictConfig, monkeypatch: Any, module: Optional[ModuleType] = None) -> str:
+    """The pre-flight's refusal of ``cfg`` (its message), checking that no checkpoint loaded before it: the recipe's
+    constructor must raise ``ConfigError`` with the Hugging Face checkpointers' loading patched to fail."""
+    import pytest
+
+    from torchtune_kd.errors import ConfigError
+
+    def no_weights(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a checkpoint was loaded before the refusal")
+
+    monkeypatch.setattr("torchtune.training.FullModelHFCheckpointer.load_checkpoint", no_weights)
+    with pytest.raises(ConfigError) as refused:
+        (module or load_recipe_module()).KDRecipeSingleDevice(cfg=cfg)
+    return str(refused.value)
+
+
+def assert_logged_values_equal(expected: dict, got: dict, *, rel: float = 1e-5, abs_tol: float = 1e-6) -> None:
+    """Every step's value of every metric in ``expected`` (``run_logs.read_disk_log``: name -> step -> value) is in
+    ``got`` and equal within the tolerances (``got`` may log more metrics)."""
+    import pytest
+
+    for key, values in expected.items():
+        for step, value in values.items():
+            assert got[key][step] == pytest.approx(value, rel=rel, abs=abs_tol), (key, step)
+
+
+def assert_same_weights(expected: Any, got: Any, *, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Two models' state dicts are equal within the tolerances, tensor by tensor."""
+    import torch
+
+    a, b = expected.state_dict(), got.state_dict()
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, msg=name)

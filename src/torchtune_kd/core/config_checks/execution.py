@@ -45,6 +45,11 @@ def _unfused_reasons(cfg: DictConfig, kd_class: Any) -> list[str]:
             "model.apply_lora_to_output=true: the fused pass computes the student's logits from model.output's "
             "weight, which LoRA on the output layer would change"
         )
+    if cfg.get("cross_tokenizer", None) is not None:
+        reasons.append(
+            "cross_tokenizer is set: the teacher's rows are gathered at aligned positions of another vocabulary, "
+            "which the fused pass's shared output product cannot do"
+        )
     if kd_class is not None and not kd_losses.is_divergence(kd_class):
         reasons.append(
             f"kd_loss._component_={cfg.kd_loss._component_!r} is not a kd_losses divergence (the fused pass uses "

@@ -44,6 +44,7 @@ class ModelFacts:
         dataset (Any): the built dataset (a ``ConcatDataset`` for a list of datasets; ``build_data=True``), else
             ``None``.
         num_samples (Optional[int]): ``len(dataset)`` (packs when packed; ``build_data=True``), else ``None``.
+        teacher_tokenizer (Any): with ``cross_tokenizer`` (``build_data=True``), the teacher's own tokenizer, built.
         shared_vocab (Optional[int]): when the teacher's vocabulary is the student's plus padding rows, the rows KD
             compares on (the student's vocabulary; ``core.vocabularies``); ``None``: one vocabulary.
         output_path (Any): the output pass the run takes (``config_checks.execution.OutputPathFindings``: fused or
@@ -65,6 +66,7 @@ class ModelFacts:
     dataset: Any = field(default=None, repr=False, compare=False)
     num_samples: Optional[int] = None
     shared_vocab: Optional[int] = None
+    teacher_tokenizer: Any = field(default=None, repr=False, compare=False)
     output_path: Any = field(default=None, repr=False, compare=False)
 
     @property

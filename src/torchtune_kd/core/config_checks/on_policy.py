@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from torchtune_kd.core import on_policy
 from torchtune_kd.core.config_checks.common import Findings, show
-from torchtune_kd.core.data import dataset_sections
+from torchtune_kd.core.data import packed_sections
 
 # How many samples are read to tell whether the dataset has a prompt part.
 PROMPT_PROBE_SAMPLES = 16
@@ -57,14 +57,11 @@ def check_section(cfg: DictConfig) -> Findings:
                 f"on_policy.max_new_tokens (or prompt_tokens) so that their sum is at most {max_seq_len}, or raise "
                 "tokenizer.max_seq_len"
             )
-    dataset = cfg.get("dataset", None)
-    if isinstance(dataset, (DictConfig, ListConfig)):
-        for where, ds in dataset_sections(dataset):
-            if isinstance(ds, DictConfig) and ds.get("packed", False):
-                found.problems.append(
-                    f"{where}.packed=True with {what}: a pack holds several samples, so there is no one prompt to "
-                    f"continue. Set {where}.packed=False"
-                )
+    for where in packed_sections(cfg.get("dataset", None)):
+        found.problems.append(
+            f"{where}.packed=True with {what}: a pack holds several samples, so there is no one prompt to "
+            f"continue. Set {where}.packed=False"
+        )
     return found
 
 

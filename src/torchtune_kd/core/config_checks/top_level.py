@@ -26,7 +26,7 @@ KNOWN_TOP_LEVEL_KEYS = frozenset(
         # torchtune-kd additions
         "layer_mapping", "ir_loss", "loss_scaling", "projection_lr_multiplier", "save_projections",
         "save_every_n_steps", "keep_last_n", "overwrite_output_dir", "max_nonfinite_steps", "fused_output",
-        "teacher_cache", "diagnostics_every_n_steps", "on_policy", "teacher_tokenizer",
+        "teacher_cache", "diagnostics_every_n_steps", "on_policy", "teacher_tokenizer", "cross_tokenizer",
         # the distributed recipe (torchtune's distributed recipes' names)
         *("fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers"),
     }

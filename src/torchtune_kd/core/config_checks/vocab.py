@@ -8,7 +8,8 @@ teacher larger, same tokenizer         padded vocabularies (``core.vocabularies`
                                        ``teacher_tokenizer``, proved the same tokenizer and emitting no id past them
 teacher larger, no ``teacher_tok...``  refused: sizes alone cannot tell padding from another tokenizer
 student larger                         refused: the student's extra rows would have no teacher probability
-another tokenizer (any sizes)          refused here, pointing to cross-tokenizer distillation
+another tokenizer (any sizes)          ``cross_tokenizer`` set: KD through the shared tokens and ULD
+                                       (``core.cross_tokenizer``); else refused, pointing to it
 =====================================  ===============================================================================
 
 Two tokenizer sections are the same tokenizer when they are equal but for ``max_seq_len`` (the same files), or when
@@ -58,6 +59,8 @@ def check_sizes(cfg: DictConfig, student_vocab: int, teacher_vocab: int) -> Voca
         student_vocab (int), teacher_vocab (int): the models' vocabulary sizes.
     """
     found = VocabFindings()
+    if cfg.get("cross_tokenizer", None) is not None:
+        return found  # two vocabularies of any sizes: compared through the shared tokens (config_checks.cross_tokenizer)
     has_teacher_tokenizer = cfg.get("teacher_tokenizer", None) is not None
     if has_teacher_tokenizer and not isinstance(cfg.teacher_tokenizer, DictConfig):
         found.problems.append(
@@ -130,10 +133,44 @@ def _same_sections(cfg: DictConfig) -> bool:
     return files(cfg.tokenizer) == files(cfg.teacher_tokenizer)
 
 
+@dataclass
+class TokenizerFindings(Findings):
+    """The problems found, and the teacher's tokenizer when it was built (``None``: the student's)."""
+
+    teacher_tokenizer: Any = None
+
+
+def _cross_tokenizer(tokenizer: Any, teacher_tokenizer: Any, student_vocab: Optional[int],
+                     teacher_vocab: Optional[int]) -> TokenizerFindings:
+    """Both tokenizers' token bytes can be read and the vocabularies share tokens."""
+    from torchtune_kd.core import cross_tokenizer
+
+    found = TokenizerFindings(teacher_tokenizer=teacher_tokenizer)
+    tables = []
+    for key, built, size in (("tokenizer", tokenizer, student_vocab), ("teacher_tokenizer", teacher_tokenizer,
+                                                                          teacher_vocab)):
+        try:
+            tables.append(cross_tokenizer.TokenTable.from_tokenizer(built, size))
+        except ValueError as err:
+            found.problems.append(f"{key}: {err}")
+    if found.ok:
+        student_ids, _ = cross_tokenizer.shared_vocabulary(*tables)
+        if student_ids.numel() == 0:
+            found.problems.append("tokenizer and teacher_tokenizer share no token: cross-tokenizer KD has nothing exact "
+                                  "to compare; set cross_tokenizer.exact_weight=0 to use ULD alone")
+        found.notices.append(
+            f"cross_tokenizer: the vocabularies share {student_ids.numel()} tokens (of {len(tables[0].pieces)} and "
+            f"{len(tables[1].pieces)}); KD at the positions where both tokenizations reach the same byte"
+        )
+    return found
+
+
 def check_tokenizers(
-    cfg: DictConfig, tokenizer: Any, dataset: Any, *, shared_vocab: Optional[int], teacher_vocab: Optional[int]
-) -> Findings:
-    """``teacher_tokenizer`` (when set) is the student's tokenizer, and emits no id past the shared rows.
+    cfg: DictConfig, tokenizer: Any, dataset: Any, *, shared_vocab: Optional[int], teacher_vocab: Optional[int],
+    student_vocab: Optional[int] = None,
+) -> TokenizerFindings:
+    """``teacher_tokenizer`` (when set) is the student's tokenizer, and emits no id past the shared rows; with
+    ``cross_tokenizer``, it may be another byte-level tokenizer (built and returned).
 
     Args:
         cfg (DictConfig): the config (``teacher_tokenizer`` a section: :func:`check_sizes` passed).
@@ -142,22 +179,24 @@ def check_tokenizers(
         shared_vocab (Optional[int]): the rows KD compares on when the teacher is padded.
         teacher_vocab (Optional[int]): the teacher's vocabulary size.
     """
-    found = Findings()
+    found = TokenizerFindings()
     if not isinstance(cfg.get("teacher_tokenizer", None), DictConfig):
         return found
-    if not _same_sections(cfg):
+    if cfg.get("cross_tokenizer", None) is not None or not _same_sections(cfg):
         try:
             teacher_tokenizer = data.build_tokenizer(cfg.teacher_tokenizer)
         except Exception as err:  # the user's tokenizer builder may raise anything
             found.problems.append(f"teacher_tokenizer: could not build it: {type(err).__name__}: {short(err)}")
             return found
+        if cfg.get("cross_tokenizer", None) is not None:
+            return _cross_tokenizer(tokenizer, teacher_tokenizer, student_vocab, teacher_vocab)
         samples = [dataset[i]["tokens"] for i in range(min(SAMPLES, len(dataset)))]
         difference = tokenizer_difference(tokenizer, teacher_tokenizer, samples)
         if difference is not None:
             found.problems.append(
                 f"teacher_tokenizer is another tokenizer than tokenizer: {difference}. Logit distillation over one "
                 "vocabulary needs one tokenizer (padded sizes are fine); for a teacher with another tokenizer, "
-                "that is " + CROSS_TOKENIZER_POINTER
+                "that is " + CROSS_TOKENIZER_POINTER + " (the cross_tokenizer section)"
             )
             return found
     limit = shared_vocab if shared_vocab is not None else teacher_vocab
