@@ -217,3 +217,31 @@ def test_on_policy_settings_are_compared_with_off_policy_forward_kl_by_seed():
     assert effects[0]["onpolicy_kl_diff"] == pytest.approx(-0.5 + 0.01)
     assert effects[0]["onpolicy_kl_significant"]
     assert experiment.on_policy_effect([r for r in rows if "@" not in r["setting"]], ["onpolicy_kl"]) == []
+
+
+def test_cells_of_a_student_with_another_tokenizer_summarise_bits_per_byte_without_kl(tmp_path, capsys):
+    """A cross-tokenizer student has no KL or agreement against the teacher (None): the summary and the grid
+    comparison keep perplexity and bits per byte and leave those out."""
+    import json
+
+    from torchtune_kd import output_folder
+    from torchtune_kd.cli import compare_grids as script
+
+    rows = []
+    for seed in range(3):
+        for divergence, bpb in (("ce_only", 3.0), ("forward_kl", 2.8)):
+            rows.append(_row(divergence, "off", seed, heldout_ppl=700.0 - 100 * (divergence != "ce_only") + seed,
+                             heldout_bpb=bpb + 0.01 * seed, heldout_kl=None, top1_agreement=None))
+    out = output_folder.claim_output_folder(tmp_path / "grid", owner="test", option="--out")
+    out.claim("results.csv", "summary.csv", "summary.md")
+    text = experiment.write_summary(out.path, rows)
+    assert text.startswith("| setting | n | heldout_ppl | heldout_bpb | Δ heldout_ppl vs ce_only | Δ heldout_bpb vs ce_only |")
+    assert "| forward_kl+ir_off | 3 | 601.000 ± 0.577 | 2.810 ± 0.006 | -100.000 ± 0.000 * | -0.200 ± 0.000 * |" in text
+    for grid in ("a", "b"):
+        for row in rows:
+            cell = experiment.Cell(row["divergence"], row["ir"], row["seed"])
+            (tmp_path / grid / "cells" / cell.name).mkdir(parents=True)
+            (tmp_path / grid / "cells" / cell.name / "result.json").write_text(json.dumps({**row, "cell": cell.name}))
+    assert script.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    printed = capsys.readouterr().out
+    assert "Δ heldout_bpb (B − A)" in printed and "heldout_kl" not in printed

@@ -166,6 +166,14 @@ CASES = {
     "prepare_smollm2 CACHE_DIR": Case(
         "prepare_smollm2", "CACHE_DIR", lambda tmp, t, a: [str(t), "--no-gensim"],
         ("torchtune_kd.models.smollm2:convert_smollm2",), owner="scripts/prepare_smollm2.py"),
+    "build_bpe_student --out": Case(
+        "build_bpe_student", "--out",
+        lambda tmp, t, a: ["--out", str(t), "--train-json", str(tmp / "train.json"), "--pretrain-steps", "0"],
+        ("torchtune_kd.testing.standin_text:build_tokenizer",), owner="scripts/build_bpe_student.py"),
+    "pad_vocab --out": Case(
+        "pad_vocab", "--out",
+        lambda tmp, t, a: ["--checkpoint", str(a / "teacher"), "--rows", "8", "--out", str(t)],
+        ("torchtune_kd.models.padding:load_file",), owner="scripts/pad_vocab.py", needs_assets=True),
     # prune.py and demo.py (kept here so that every writing script is in one table).
     "prune --out": Case(
         "prune", "--out",

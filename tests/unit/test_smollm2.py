@@ -229,3 +229,15 @@ def test_lee_parsing_and_passages(tmp_path):
 def test_text_data_rejects_bad_settings(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         text_data.prepare_text_data(tmp_path, use_gensim=False, **kwargs)
+
+
+def test_smollm2_builder_takes_a_padded_vocabulary_and_refuses_a_smaller_one():
+    import torch
+
+    from torchtune_kd.models.smollm2 import smollm2_135m
+
+    with torch.device("meta"):
+        padded = smollm2_135m(num_layers=1, vocab_size=49280)
+    assert padded.tok_embeddings.num_embeddings == 49280
+    with pytest.raises(ValueError, match="vocab_size=100 must be an integer >= 49152"):
+        smollm2_135m(num_layers=1, vocab_size=100)

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from torchtune_kd import experiment, output_file
 
-METRICS = ("heldout_ppl", "heldout_kl", "top1_agreement")
+METRICS = ("heldout_ppl", "heldout_bpb", "heldout_kl", "top1_agreement")
 
 
 def read_grid(folder: Path) -> list[dict]:
@@ -46,7 +46,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if len(labels) != 2 or not all(labels):
         parser.error(f"--labels={args.labels!r} must name the two grids, e.g. live,cache")
     rows_a, rows_b = read_grid(args.grid_a), read_grid(args.grid_b)
-    metrics = [m for m in METRICS if all(m in r for r in rows_a + rows_b)]
+    # A metric every cell has (older grids lack bits per byte; a student with another tokenizer than the teacher's
+    # has no KL or agreement: None).
+    metrics = [m for m in METRICS if all(r.get(m) not in (None, "") for r in rows_a + rows_b)]
     entries = experiment.compare_grids(rows_a, rows_b, metrics)
     if not entries:
         print("error: the grids share no setting with the same seeds", file=sys.stderr)

@@ -10,6 +10,8 @@ trained on, plus two diagnostics (top-1 agreement, teacher entropy). A :class:`T
                            fused pass (``core.fused_output``) computes the logits chunk by chunk and never in full
 ``kd_losses.TeacherTopK``  the ``k`` most probable ids with their log-probabilities, the tail's mass and the entropy
                            per token: the divergences' sparse form (both passes take it)
+:class:`TeacherAligned`    a teacher with another tokenizer: its logits at the aligned positions, ``(bsz, seq_len,
+                           vocab_t)``, and which positions are aligned (the unfused pass)
 =========================  ==========================================================================================
 
 The output pass (``core.output_pass``) asks for a dense form (``form``: :data:`LOGITS` or :data:`HIDDEN`); a source
@@ -36,12 +38,10 @@ loss step asks ``signal``:
   continuations of the batch's prompts from the student (or the teacher) and returns a batch whose ``tokens``,
   ``labels`` (the generated positions counted, the prompt ignored) and ``real_tokens`` are those sequences;
   ``signal`` scores them with a live teacher exactly as :class:`LiveTeacher` does (any of the three forms).
-- *a teacher with another tokenizer*: ``prepare`` leaves the batch alone; ``signal`` detokenises the student's
-  sequence, tokenises it for the teacher, runs the teacher and maps its distribution onto the student's positions
-  and vocabulary (e.g. the teacher's top-k projected to student ids with the unmatched mass in the tail): an
-  aligned ``TeacherTopK`` (with the entropy of the teacher's own distribution), one row per student position, so
-  that the divergences' sparse form, the diagnostics and both passes apply unchanged. The fused pass's hidden form
-  needs a shared vocabulary, so such a source returns ``TeacherTopK`` for either ``form``.
+- *a teacher with another tokenizer* (``core.cross_tokenizer.CrossTokenizerTeacher``): ``on_host`` re-tokenises each
+  sample's text for the teacher and aligns the positions; ``signal`` runs the teacher on its own tokens and returns
+  :class:`TeacherAligned`: its logits over its own vocabulary gathered at the aligned student positions, which the
+  unfused pass scores with ``core.cross_tokenizer_loss`` (the fused pass's shared output product cannot apply).
 
 Every signal holds one row per student token (``labels.shape``); rows at ignored labels may hold anything finite or
 not (the losses drop them).

@@ -32,6 +32,7 @@ FORMAT_KEY = "format"
 # Settings recorded in a training state and compared on resume.
 RESUME_SETTINGS = (
     "optimizer", "batch_size", "gradient_accumulation_steps", "kd_loss", "loss_scaling", "teacher_cache", "on_policy",
+    "teacher_tokenizer", "cross_tokenizer",
 )
 # The dataloader position :func:`resume_position` gives when the world size or batch size changed: samples this rank's
 # sampler has already yielded in the epoch (the recipe loads it into the sampler).

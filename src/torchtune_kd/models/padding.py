@@ -36,6 +36,8 @@ def pad_vocabulary(
     seed: int = 0,
     std: Optional[float] = None,
     owner: str = OWNER,
+    option: str = "out_dir",
+    overwrite: bool = False,
 ) -> Path:
     """Write ``checkpoint_dir``'s model with ``rows`` padding rows appended to its vocabulary.
 
@@ -47,6 +49,8 @@ def pad_vocabulary(
         seed (int): seed of the padding rows' values.
         std (Optional[float]): their standard deviation; ``None``: that of the embedding's trained rows.
         owner (str): the command the folder is claimed for.
+        option (str): how the caller's user named ``out_dir``, quoted in a refusal.
+        overwrite (bool): write into a folder holding other files (they are never replaced).
 
     Returns:
         Path: ``out_dir``.
@@ -61,6 +65,9 @@ def pad_vocabulary(
     for name in (WEIGHTS, "config.json"):
         if not (source / name).is_file():
             raise ValueError(f"{source / name} is missing: pad_vocabulary reads a single-file safetensors checkpoint")
+    # The folder first: a refusal comes before the weights load.
+    folder = output_folder.claim_output_folder(out_dir, owner=owner, option=option, overwrite=overwrite,
+                                               overwrite_hint="--overwrite")
     state = load_file(str(source / WEIGHTS))
     if EMBEDDING not in state:
         raise ValueError(f"{source / WEIGHTS} has no {EMBEDDING!r}: not a Llama-style checkpoint")
@@ -75,7 +82,6 @@ def pad_vocabulary(
             state[name] = torch.cat([weight, extra.to(weight.dtype)]).contiguous()
     config["vocab_size"] = int(embedding.shape[0]) + rows
 
-    folder = output_folder.claim_output_folder(out_dir, owner=owner, option="out_dir")
     others = [p for p in source.iterdir() if p.is_file() and p.name not in (WEIGHTS, "config.json")
               and not p.name.startswith(".")]
     folder.claim(WEIGHTS, "config.json", *(p.name for p in others))

@@ -15,7 +15,7 @@ import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_2
 from torchtune.modules import TransformerDecoder
@@ -50,7 +50,8 @@ def _check_num_layers(num_layers: int) -> None:
 
 
 def smollm2_135m(
-    num_layers: int = 30, max_seq_len: int = SMOLLM2_MAX_POSITIONS, attn_dropout: float = 0.0
+    num_layers: int = 30, max_seq_len: int = SMOLLM2_MAX_POSITIONS, attn_dropout: float = 0.0,
+    vocab_size: Optional[int] = None,
 ) -> TransformerDecoder:
     """SmolLM2-135M as a torchtune decoder (Llama architecture, tied embeddings, RoPE base 100000).
 
@@ -61,15 +62,21 @@ def smollm2_135m(
         num_layers: Decoder layers; 30 for the real model, fewer for a student built from it.
         max_seq_len: Longest sequence the RoPE cache covers (SmolLM2 was trained up to 8192).
         attn_dropout: Attention dropout.
+        vocab_size: Rows of the embedding and output (default SmolLM2's 49152); more for a teacher padded past the
+            tokenizer (``scripts/pad_vocab.py``, ``core.vocabularies``).
 
     Returns:
-        A ``TransformerDecoder`` mapping tokens ``(bsz, seq_len)`` to logits ``(bsz, seq_len, 49152)``.
+        A ``TransformerDecoder`` mapping tokens ``(bsz, seq_len)`` to logits ``(bsz, seq_len, vocab_size)``.
 
     Raises:
         ValueError: if ``num_layers`` is not a positive integer.
     """
     _check_num_layers(num_layers)
     args = {**SMOLLM2_135M_ARGS, "num_layers": num_layers}
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < SMOLLM2_135M_ARGS["vocab_size"]:
+            raise ValueError(f"vocab_size={vocab_size!r} must be an integer >= {SMOLLM2_135M_ARGS['vocab_size']}")
+        args["vocab_size"] = vocab_size
     # scale_factor=1 turns Llama 3's RoPE frequency rescaling into the identity: SmolLM2 uses plain RoPE.
     return llama3_2(
         **args, max_seq_len=max_seq_len, attn_dropout=attn_dropout, scale_factor=1, tie_word_embeddings=True
