@@ -2,13 +2,9 @@
 # The padded-vocabulary evidence of the README's "Teachers with another vocabulary or tokenizer" section: the SmolLM2
 # teacher with 128 padding rows appended trains the pruned 20-layer student exactly as the unpadded teacher does,
 # on the unfused and the fused pass (5 steps each; about 8 min on 2 cores). Writes docs/cross_tokenizer/padded.md.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-export KD_DEMO_CACHE=$PWD/cache/smollm2 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
-PY=.venv/bin/python
+source "$(dirname "$0")/../common.sh"
 OUT=outputs/padded_check
 
-$PY scripts/prepare_smollm2.py cache/smollm2
 [ -f cache/smollm2/student_20L_bi/model.safetensors ] || $PY scripts/prune.py --config configs/demo_smollm2.yaml \
     --calibration cache/smollm2/text/train.json --num-layers 20 --out cache/smollm2/student_20L_bi
 [ -f cache/smollm2/teacher_padded/model.safetensors ] || \

@@ -63,6 +63,7 @@ def test_the_same_tokenizer_twice_is_todays_recipe(assets_root, tmp_path, kind):
 def test_a_teacher_with_another_tokenizer_trains_kd_at_aligned_positions(assets_root, other_tokenizer, tmp_path, kind):
     recipe = run_recipe(tiny_config(assets_root, tmp_path / "run", [
         *KIND[kind], *COMMON, *teacher_tokenizer(other_tokenizer), "cross_tokenizer.uld_top_k=32",
+        "cross_tokenizer.uld_weight=0.5",  # both parts of the loss
     ]), RECIPE)
     values = logged(tmp_path / "run")
     assert values["kd_loss"].keys() == {1, 2, 3}
@@ -74,7 +75,8 @@ def test_a_teacher_with_another_tokenizer_trains_kd_at_aligned_positions(assets_
 
 
 def test_two_processes_equal_one_with_another_tokenizer(assets_root, other_tokenizer, tmp_path):
-    common = [*COMMON, *teacher_tokenizer(other_tokenizer), "cross_tokenizer.uld_top_k=32", "max_steps_per_epoch=2"]
+    common = [*COMMON, *teacher_tokenizer(other_tokenizer), "cross_tokenizer.uld_top_k=32",
+              "cross_tokenizer.uld_weight=0.5", "max_steps_per_epoch=2"]
     run_recipe(tiny_config(assets_root, tmp_path / "single", [*common, "batch_size=4"]), RECIPE)
     run_distributed_config(tiny_config(assets_root, tmp_path / "dist", [*common, "batch_size=2"]), tmp_path / "dist.yaml")
     single, dist = logged(tmp_path / "single"), logged(tmp_path / "dist")

@@ -80,6 +80,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "pretrain_final_loss": losses[-1] if losses else None, "seed": args.seed}
     folder.path_of("build.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
-    print(f"model: {{_component_: torchtune.models.llama3.llama3, "
+    print("model: {_component_: torchtune.models.llama3.llama3, "
           + ", ".join(f"{k}: {v}" for k, v in kwargs.items()) + "}")
     return 0

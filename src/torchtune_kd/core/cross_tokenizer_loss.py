@@ -60,7 +60,7 @@ class CrossTokenizerKD(nn.Module):
     """
 
     def __init__(self, divergence: nn.Module, student_ids: torch.Tensor, teacher_ids: torch.Tensor, *,
-                 exact_weight: float = 1.0, uld_weight: float = 1.0, uld_top_k: int = 64) -> None:
+                 exact_weight: float = 1.0, uld_weight: float = 0.0, uld_top_k: int = 64) -> None:
         super().__init__()
         if not kd_losses.is_divergence(divergence):
             raise ValueError(f"cross-tokenizer KD needs a kd_losses divergence, got {type(divergence).__name__}")
