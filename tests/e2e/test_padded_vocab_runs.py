@@ -31,7 +31,7 @@ from torchtune_kd.testing.recipes import (
 RECIPE = load_recipe_module()
 VOCAB, PAD_ROWS = 1280, 64
 KIND = {"full": [], "lora": list(LORA_OVERRIDES)}
-COMMON = ["max_steps_per_epoch=3", "log_every_n_steps=1", "gradient_accumulation_steps=2", "seed=3"]
+COMMON = ["max_steps_per_epoch=2", "log_every_n_steps=1", "gradient_accumulation_steps=2", "seed=3"]
 TIMING = {"tokens_per_second", "tokens_per_second_per_gpu", "peak_memory_rss_gib"}
 MASS = f"kd/{vocabularies.PADDING_MASS}"
 
@@ -61,7 +61,8 @@ def assert_same_run(plain: dict, padded_run: dict) -> None:
     assert_logged_values_equal(plain, padded_run, rel=1e-5)
 
 
-@pytest.mark.parametrize("kind,path", [("full", "unfused"), ("lora", "fused"), ("full", "fused")])
+# Full on the unfused (chunked) pass, LoRA on the fused one: each kind of student, each pass.
+@pytest.mark.parametrize("kind,path", [("full", "unfused"), ("lora", "fused")])
 def test_a_padded_teacher_trains_the_student_as_the_unpadded_one(assets_root, padded_teacher, tmp_path, kind, path):
     extra = [*KIND[kind], *COMMON, f"fused_output.enabled={'true' if path == 'fused' else 'false'}"]
     plain = run_recipe(tiny_config(assets_root, tmp_path / "plain", extra), RECIPE)
@@ -69,7 +70,7 @@ def test_a_padded_teacher_trains_the_student_as_the_unpadded_one(assets_root, pa
     assert run._facts.shared_vocab == VOCAB and run._output_pass.fused == (path == "fused")
     a, b = logged(tmp_path / "plain"), logged(tmp_path / "padded")
     assert_same_run(a, b)
-    assert b[MASS].keys() == {1, 2, 3} and all(0.0 < v < 1.0 for v in b[MASS].values())
+    assert b[MASS].keys() == {1, 2} and all(0.0 < v < 1.0 for v in b[MASS].values())
     assert_same_weights(plain._model, run._model)
 
 
@@ -103,16 +104,16 @@ def test_a_cache_of_the_padded_teacher_trains_as_the_live_unpadded_teacher(asset
     cache = tmp_path / "cache"
     cfg = tiny_config(assets_root, tmp_path / "unused", [
         *COMMON, *no_ir, *padded(padded_teacher), f"teacher_cache.path={cache}", f"teacher_cache.top_k={VOCAB}",
-        "teacher_cache.dtype=float32", "dataset.split=train[:48]",
+        "teacher_cache.dtype=float32", "dataset.split=train[:32]",
     ])
     writer = prepass.TeacherCachePrepass(cfg)
     writer.run()
     writer.cleanup()
     manifest = OmegaConf.load(cache / "manifest.json")
     assert 0.0 < manifest.teacher_padding_mass < 1.0
-    live = run_recipe(tiny_config(assets_root, tmp_path / "live", [*COMMON, *no_ir, "dataset.split=train[:48]"]), RECIPE)
+    live = run_recipe(tiny_config(assets_root, tmp_path / "live", [*COMMON, *no_ir, "dataset.split=train[:32]"]), RECIPE)
     cached = run_recipe(tiny_config(assets_root, tmp_path / "cached", [
-        *COMMON, *no_ir, *padded(padded_teacher), "dataset.split=train[:48]", f"teacher_cache.path={cache}",
+        *COMMON, *no_ir, *padded(padded_teacher), "dataset.split=train[:32]", f"teacher_cache.path={cache}",
     ]), RECIPE)
     assert cached._teacher_model is None
     a, b = logged(tmp_path / "live"), logged(tmp_path / "cached")
@@ -121,8 +122,9 @@ def test_a_cache_of_the_padded_teacher_trains_as_the_live_unpadded_teacher(asset
     assert_same_weights(live._model, cached._model)
 
 
-def test_two_processes_equal_one_with_a_padded_teacher(assets_root, padded_teacher, tmp_path):
-    common = [*COMMON, *padded(padded_teacher), "max_steps_per_epoch=2"]
+@pytest.mark.parametrize("kind", sorted(KIND))
+def test_two_processes_equal_one_with_a_padded_teacher(assets_root, padded_teacher, tmp_path, kind):
+    common = [*KIND[kind], *COMMON, *padded(padded_teacher), "max_steps_per_epoch=1"]
     run_recipe(tiny_config(assets_root, tmp_path / "single", [*common, "batch_size=4"]), RECIPE)
     run_distributed_config(tiny_config(assets_root, tmp_path / "dist", [*common, "batch_size=2"]), tmp_path / "dist.yaml")
     single, dist = logged(tmp_path / "single"), logged(tmp_path / "dist")
