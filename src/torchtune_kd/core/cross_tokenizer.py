@@ -170,16 +170,6 @@ def teacher_view(
     # Student side: where each token ends in the text, and what it is ("text" or a mapped special's teacher id).
     student_end: list[int] = []
     student_kind: list[Any] = []
-    offset = 0
-    for token in ids:
-        piece = student.piece(token)
-        if piece is not None:
-            offset += len(piece)
-            student_kind.append("text")
-        else:
-            student_kind.append(specials.get(token))  # None: a special the teacher lacks (never aligned)
-        student_end.append(offset)
-
     teacher_ids: list[int] = []
     teacher_end: list[Optional[int]] = []  # None: inside a segment the teacher did not reproduce byte for byte
     teacher_kind: list[Any] = []
@@ -209,7 +199,11 @@ def teacher_view(
                 segment_start = offset
             segment += piece
             offset += len(piece)
+            student_kind.append("text")
+            student_end.append(offset)
             continue
+        student_kind.append(specials.get(token))  # None: a special the teacher lacks (never aligned)
+        student_end.append(offset)
         flush(segment, segment_start)
         segment = bytearray()
         if token in specials:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
@@ -78,3 +79,14 @@ def int_problem(cfg: DictConfig, key: str, *, minimum: int, optional: bool = Fal
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         return f"{key}={value!r} must be an integer >= {minimum}"
     return None
+
+
+def unknown_key_problems(section: DictConfig, name: str, known: Any) -> list[str]:
+    """One problem per key of ``section`` (the config's ``name`` section) not in ``known``, with a did-you-mean."""
+    problems = []
+    for key in section.keys():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            fix = f"did you mean '{name}.{close[0]}'?" if close else f"the keys are {sorted(known)}"
+            problems.append(f"unknown key '{name}.{key}': {fix}")
+    return problems

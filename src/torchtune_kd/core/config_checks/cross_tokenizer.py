@@ -12,13 +12,12 @@ refusal naming the key and the fix (before any weight loads):
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from torchtune_kd.core.config_checks.common import Findings, show
+from torchtune_kd.core.config_checks.common import Findings, show, unknown_key_problems
 from torchtune_kd.core.data import packed_sections
 
 # ULD off by default: on the SmolLM2 grid (README) it added nothing measurable to the exact part (Δ bits/byte
@@ -64,11 +63,7 @@ def check_section(cfg: DictConfig) -> Findings:
             "uld_weight: 0.0, uld_top_k: 64}} (an empty mapping takes the defaults)"
         )
         return found
-    for key in section.keys():
-        if key not in DEFAULTS:
-            close = difflib.get_close_matches(str(key), sorted(DEFAULTS), n=1)
-            fix = f"did you mean 'cross_tokenizer.{close[0]}'?" if close else f"the keys are {sorted(DEFAULTS)}"
-            found.problems.append(f"unknown key 'cross_tokenizer.{key}': {fix}")
+    found.problems.extend(unknown_key_problems(section, "cross_tokenizer", DEFAULTS))
     values = {key: section.get(key, default) for key, default in DEFAULTS.items()}
     for key, value in values.items():
         problem = _number_problem(key, value, integer=key == "uld_top_k")

@@ -3,14 +3,13 @@ distributed recipe."""
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig, ListConfig
 
 import kd_losses
-from torchtune_kd.core.config_checks.common import Findings, show
+from torchtune_kd.core.config_checks.common import Findings, show, unknown_key_problems
 
 FUSED_OUTPUT_KEYS = frozenset({"enabled", "chunk_size"})
 FSDP_KEYS = ("fsdp_cpu_offload", "fsdp_reshard_after_forward", "custom_sharded_layers")
@@ -80,11 +79,7 @@ def check_fused_output(cfg: DictConfig, kd_class: Any) -> OutputPathFindings:
     if not isinstance(fused, DictConfig):
         problems.append(f"fused_output={show(fused)} must be a mapping, e.g. fused_output: {{enabled: auto, chunk_size: auto}}")
         return found
-    for key in fused.keys():
-        if key not in FUSED_OUTPUT_KEYS:
-            close = difflib.get_close_matches(str(key), sorted(FUSED_OUTPUT_KEYS), n=1)
-            fix = f"did you mean 'fused_output.{close[0]}'?" if close else f"the keys are {sorted(FUSED_OUTPUT_KEYS)}"
-            problems.append(f"unknown key 'fused_output.{key}': {fix}")
+    problems.extend(unknown_key_problems(fused, "fused_output", FUSED_OUTPUT_KEYS))
     enabled = fused.get("enabled", AUTO)
     if not (isinstance(enabled, bool) or enabled == AUTO):
         problems.append(f"fused_output.enabled={enabled!r} must be auto, true or false")
